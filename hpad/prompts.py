@@ -1,0 +1,138 @@
+"""Text side of the scorer: prompt sets (the normal/anomalous embedding pair) and the zero-shot ensemble.
+
+A `PromptSet` is everything category-specific the scorer needs: two L2-normalised text embeddings (row 0 =
+normal, row 1 = anomalous), the decision thresholds, an optional few-shot memory of normal patch features,
+and where it came from (zero-shot ensemble or learned prompts) with a version number. Scorers take a prompt
+set per call, so swapping one in is a pointer change between batches.
+
+Zero-shot mode uses a hand-written ensemble of state words x templates (WinCLIP-style) so hpad scores frames
+before any tuning has run. Learned prompts (CoOp-style context vectors, human-free) produce the same
+`PromptSet`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from hpad.errors import ConfigError
+
+NORMAL, ANOMALOUS = 0, 1
+
+NORMAL_STATES: tuple[str, ...] = (
+    "{}",
+    "flawless {}",
+    "perfect {}",
+    "unblemished {}",
+    "{} without flaw",
+    "{} without defect",
+    "{} without damage",
+)
+ANOMALOUS_STATES: tuple[str, ...] = (
+    "damaged {}",
+    "broken {}",
+    "defective {}",
+    "{} with flaw",
+    "{} with defect",
+    "{} with damage",
+    "{} with a scratch",
+    "{} with a crack",
+)
+TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a cropped photo of a {}.",
+    "a close-up photo of the {}.",
+    "a bright photo of a {}.",
+    "a dark photo of the {}.",
+    "a blurry photo of a {}.",
+    "a photo of a small {}.",
+    "a photo of a large {}.",
+    "an industrial photo of a {}.",
+    "a photo of a {} for visual inspection.",
+    "a photo of a {} for anomaly detection.",
+    "there is a {} in the scene.",
+)
+
+ZERO_SHOT_THRESHOLD = 0.5  # softmax probability of "anomalous": undecided point before any calibration
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """The text embedding pair and decision rule for one category.
+
+    text_features: [2, D] L2-normalised (row 0 normal, row 1 anomalous).
+    memory: optional [M, D] L2-normalised normal patch features (few-shot nearest-neighbour reference).
+    threshold: image-level decision threshold on `pred_score`; pixel_threshold: on the anomaly map.
+    version: 0 for the built-in zero-shot set, >= 1 for published learned versions.
+    """
+
+    category: str
+    text_features: torch.Tensor
+    threshold: float = ZERO_SHOT_THRESHOLD
+    pixel_threshold: float = ZERO_SHOT_THRESHOLD
+    version: int = 0
+    source: str = "zero-shot"
+    model_identity: str = ""
+    memory: torch.Tensor | None = None
+    sha256: str = ""
+
+    def __post_init__(self) -> None:
+        tf = self.text_features
+        if tf.ndim != 2 or tf.shape[0] != 2:
+            raise ConfigError(f"text_features must be [2, D] (normal, anomalous); got {tuple(tf.shape)}")
+        if not torch.isfinite(tf).all():
+            raise ConfigError("text_features contain NaN or Inf")
+        if self.memory is not None and (self.memory.ndim != 2 or self.memory.shape[1] != tf.shape[1]):
+            raise ConfigError(f"memory must be [M, {tf.shape[1]}]; got {tuple(self.memory.shape)}")
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.text_features.shape[1])
+
+    def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> PromptSet:
+        memory = None if self.memory is None else self.memory.to(device=device, dtype=dtype)
+        return replace(self, text_features=self.text_features.to(device=device, dtype=dtype), memory=memory)
+
+    def with_memory(self, memory: torch.Tensor | None) -> PromptSet:
+        return replace(self, memory=memory)
+
+    def label(self) -> str:
+        """Short human-readable identity, e.g. ``bottle v3 (learned)``."""
+        return f"{self.category} v{self.version} ({self.source})"
+
+
+def ensemble_sentences(object_name: str, states: tuple[str, ...]) -> list[str]:
+    """Every template filled with every state of ``object_name``."""
+    return [template.format(state.format(object_name)) for state in states for template in TEMPLATES]
+
+
+@torch.inference_mode()
+def encode_texts(model: torch.nn.Module, tokenizer: object, texts: list[str]) -> torch.Tensor:
+    """Frozen text tower: sentences -> [T, D] L2-normalised float32 embeddings."""
+    device = next(model.parameters()).device
+    tokens = tokenizer(texts).to(device)  # [T, context_length]
+    features = model.encode_text(tokens)
+    return F.normalize(features.float(), dim=-1)
+
+
+def ensemble_embedding(model: torch.nn.Module, tokenizer: object, sentences: list[str]) -> torch.Tensor:
+    """Mean of normalised sentence embeddings, renormalised: [D]."""
+    return F.normalize(encode_texts(model, tokenizer, sentences).mean(dim=0), dim=-1)
+
+
+def zero_shot_prompt_set(
+    model: torch.nn.Module, tokenizer: object, category: str, model_identity: str, object_name: str | None = None
+) -> PromptSet:
+    """Hand-written ensemble prompts for ``category`` (object name defaults to the category, '_' -> ' ')."""
+    name = (object_name or category).replace("_", " ").strip() or "object"
+    normal = ensemble_embedding(model, tokenizer, ensemble_sentences(name, NORMAL_STATES))
+    anomalous = ensemble_embedding(model, tokenizer, ensemble_sentences(name, ANOMALOUS_STATES))
+    return PromptSet(
+        category=category,
+        text_features=torch.stack([normal, anomalous]).cpu(),
+        source="zero-shot",
+        model_identity=model_identity,
+    )
