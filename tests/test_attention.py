@@ -62,11 +62,12 @@ def test_locality_last_block_stack(tiny_backbone):
     torch.manual_seed(1)
     x = torch.randn(1, 65, visual.transformer.width)
     last = visual.transformer.resblocks[2:]
+    assert encoder.first_masked == 2
 
     def run(tokens):
         with torch.no_grad():
-            for block in last:
-                tokens = block(tokens, attn_mask=encoder._attn_mask(tokens))
+            for offset, block in enumerate(last):
+                tokens = encoder.block_forward(2 + offset, block, tokens)
         return tokens
 
     base = run(x)
@@ -125,3 +126,18 @@ def test_bad_configs():
         LAAConfig(radius=-2)
     with pytest.raises(ConfigError, match="exceeds"):
         LAAConfig(layers=99).active_layers(4)
+
+
+def test_fast_masked_block_equals_additive_mask_path(tiny_backbone):
+    """The SDPA boolean-mask fast path computes exactly what open_clip's block does with the -inf mask."""
+    from hpad.attention import masked_block_forward
+
+    visual = tiny_backbone.model.visual
+    encoder = LocalityAwareEncoder(visual, LAAConfig(layers=4, radius=1))
+    torch.manual_seed(3)
+    x = torch.randn(3, 65, visual.transformer.width)
+    with torch.no_grad():
+        for block in visual.transformer.resblocks:
+            fast = masked_block_forward(block, x, encoder._allowed_mask(x))
+            reference = block(x, attn_mask=encoder._attn_mask(x))
+            assert torch.allclose(fast, reference, atol=1e-5)
