@@ -67,7 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in commands:
         print(f"hpad: unknown command {name!r}\n\n{_usage(commands)}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # open_clip logs chatter at INFO on the root logger: keep the root at WARNING, our packages at INFO
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for package in ("hpad", "consumers", "tuner"):
+        logging.getLogger(package).setLevel(logging.INFO)
     try:
         return int(_load(commands[name][0])(rest) or 0)
     except HpadError as exc:

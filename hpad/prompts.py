@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from hpad.attention import LAAConfig
 from hpad.errors import ConfigError
 
 NORMAL, ANOMALOUS = 0, 1
@@ -78,6 +79,7 @@ class PromptSet:
     model_identity: str = ""
     memory: torch.Tensor | None = None
     sha256: str = ""
+    laa: LAAConfig | None = None  # the LAA setting the prompts were learned with (None: any)
 
     def __post_init__(self) -> None:
         tf = self.text_features
@@ -136,3 +138,91 @@ def zero_shot_prompt_set(
         source="zero-shot",
         model_identity=model_identity,
     )
+
+
+# ------------------------------------------------------------------------------------------ learnable prompts
+
+PLACEHOLDER = "X"
+
+
+def _text_tower(model: torch.nn.Module) -> torch.nn.Module:
+    """open_clip's CLIP keeps the text tower's parts on the model itself; refuse anything else."""
+    for name in ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask"):
+        if not hasattr(model, name):
+            raise ConfigError(f"learnable prompts need an open_clip CLIP with a native text tower (missing {name})")
+    if getattr(model, "text_pool_type", "argmax") != "argmax":
+        raise ConfigError("learnable prompts need a text tower that pools at the end-of-text token (argmax)")
+    return model
+
+
+class PromptLearner(torch.nn.Module):
+    """CoOp-style learnable context vectors for the normal and the anomalous class (human-free prompts).
+
+    Each class's sentence is ``"X X ... X [class_name]."`` with ``n_ctx`` placeholder tokens whose token
+    embeddings are replaced by that class's learnable context [n_ctx, W]. Nothing else is learned: CLIP's
+    text tower is frozen and only ``ctx`` receives gradients.
+
+    Speed: the text transformer is causal, so the end-of-text token's output does not depend on positions
+    after it. ``forward`` therefore runs only the first ``eot + 1`` positions (about n_ctx + 3 of CLIP's 77),
+    which gives exactly the same embeddings at a fraction of the cost.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: object,
+        n_ctx: int = 8,
+        class_name: str = "",
+        init: torch.Tensor | None = None,
+        init_std: float = 0.02,
+        generator: torch.Generator | None = None,
+        truncate: bool = True,
+    ) -> None:
+        super().__init__()
+        self.model = _text_tower(model)
+        if not 1 <= n_ctx <= 32:
+            raise ConfigError(f"n_ctx must be in [1, 32], got {n_ctx}")
+        self.n_ctx = n_ctx
+        self.class_name = class_name.replace("_", " ").strip()
+        sentence = " ".join([PLACEHOLDER] * n_ctx + ([self.class_name] if self.class_name else [])) + "."
+        tokens = tokenizer([sentence, sentence])  # [2, L]; both classes share the template
+        eot = int(tokens[0].argmax())
+        if eot <= n_ctx:
+            raise ConfigError(f"template {sentence!r} does not fit the text tower's context length")
+        device = model.token_embedding.weight.device
+        keep = eot + 1 if truncate else tokens.shape[1]  # truncate=False only to measure what it saves
+        self.register_buffer("tokens", tokens[:, :keep].to(device), persistent=False)  # [2, T]
+        with torch.no_grad():
+            embedded = model.token_embedding(self.tokens).float()  # [2, T, W]
+        self.register_buffer("prefix", embedded[:, :1].clone(), persistent=False)  # start-of-text
+        self.register_buffer("suffix", embedded[:, 1 + n_ctx :].clone(), persistent=False)  # name, ".", EOT, ...
+        width = embedded.shape[-1]
+        if init is None:
+            init = torch.randn(2, n_ctx, width, generator=generator) * init_std
+        if tuple(init.shape) != (2, n_ctx, width):
+            raise ConfigError(f"initial context must be [2, {n_ctx}, {width}], got {tuple(init.shape)}")
+        self.ctx = torch.nn.Parameter(init.detach().clone().float().to(device))  # [2, n_ctx, W]
+
+    @property
+    def sentence(self) -> str:
+        return " ".join([PLACEHOLDER] * self.n_ctx + ([self.class_name] if self.class_name else [])) + "."
+
+    def forward(self) -> torch.Tensor:
+        """-> [2, D] L2-normalised text embeddings (row 0 normal, row 1 anomalous), differentiable in ctx."""
+        model = self.model
+        dtype = model.transformer.get_cast_dtype()
+        x = torch.cat([self.prefix, self.ctx, self.suffix], dim=1).to(dtype)  # [2, T, W]
+        length = x.shape[1]
+        x = x + model.positional_embedding[:length].to(dtype)
+        x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+        x = model.ln_final(x)
+        x = x[torch.arange(2, device=x.device), self.tokens.argmax(dim=-1)]  # end-of-text position
+        projection = model.text_projection
+        x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
+        return F.normalize(x.float(), dim=-1)
+
+    def prompt_set(self, category: str, model_identity: str, **fields: object) -> PromptSet:
+        with torch.no_grad():
+            features = self().detach().cpu()
+        return PromptSet(category=category, text_features=features, source="learned",
+                         model_identity=model_identity, **fields)

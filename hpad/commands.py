@@ -1,0 +1,256 @@
+"""Library commands of the ``hpad`` CLI: ``score``, ``eval``, ``weights``; shared model flags.
+
+Argument parsing and file output only; the work is done by `hpad.scorer`, `hpad.evaluate` and friends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from hpad.attention import LAAConfig
+from hpad.backbone import Backbone, WeightsSpec, load_backbone
+from hpad.cli import library_command
+from hpad.scorer import Scorer, ScorerConfig
+
+DEFAULT_MODEL = "ViT-B-16-plus-240"
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--model / --pretrained / --checkpoint / --random-init and scoring options, shared by every command."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=DEFAULT_MODEL, help=f"open_clip architecture (default {DEFAULT_MODEL})")
+    source = group.add_mutually_exclusive_group()
+    source.add_argument("--pretrained", help="open_clip pretrained tag, e.g. laion400m_e32")
+    source.add_argument("--checkpoint", type=Path, help="local open_clip checkpoint (.safetensors/.pt)")
+    source.add_argument("--random-init", action="store_true", help="random weights (tests/benchmarks only)")
+    group.add_argument("--cache-dir", type=Path, help="where pretrained weights are cached")
+    group.add_argument("--allow-download", action="store_true", help="let a pretrained tag download weights")
+    group.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
+    group.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    group.add_argument("--seed", type=int, default=0, help="seed (random init, k-shot sampling, training)")
+    group.add_argument("--no-laa", action="store_true", help="disable Locality-Aware Attention")
+    group.add_argument("--laa-layers", type=int, default=LAAConfig().layers, help="LAA in the last N blocks")
+    group.add_argument("--laa-radius", type=int, default=LAAConfig().radius, help="LAA window radius (1 = 3x3)")
+    group.add_argument("--sigma", type=float, default=ScorerConfig().sigma, help="map smoothing, px")
+    group.add_argument("--batch-size", type=int, default=8)
+
+
+def weights_spec(ns: argparse.Namespace) -> WeightsSpec:
+    pretrained = ns.pretrained
+    if pretrained is None and ns.checkpoint is None and not ns.random_init:
+        pretrained = "laion400m_e32" if ns.model == DEFAULT_MODEL else "openai"
+    return WeightsSpec(
+        model=ns.model,
+        pretrained=pretrained,
+        checkpoint=ns.checkpoint,
+        random_init=ns.random_init,
+        cache_dir=ns.cache_dir,
+        allow_download=ns.allow_download,
+        seed=ns.seed,
+    )
+
+
+def scorer_config(ns: argparse.Namespace) -> ScorerConfig:
+    laa = LAAConfig(enabled=not ns.no_laa, layers=ns.laa_layers, radius=ns.laa_radius)
+    return ScorerConfig(laa=laa, sigma=ns.sigma, max_batch=ns.batch_size)
+
+
+def backbone_from_args(ns: argparse.Namespace) -> Backbone:
+    return load_backbone(weights_spec(ns), device=ns.device, precision=ns.precision)
+
+
+@library_command("score", "score image files; prints one JSON line per image")
+def score_main(argv: Sequence[str]) -> int:
+    from hpad.data import read_image
+    from hpad.masks import encode_mask_png
+
+    parser = argparse.ArgumentParser(prog="hpad score", description=score_main.__doc__)
+    parser.add_argument("images", nargs="+", type=Path)
+    parser.add_argument("--category", default="object", help="object name for the zero-shot prompts")
+    parser.add_argument("--prompts", type=Path, help="prompt artifact (from hpad train) instead of zero-shot")
+    parser.add_argument("--mask-out", type=Path, help="write <stem>_mask.png (binary) and <stem>_map.png here")
+    add_model_args(parser)
+    ns = parser.parse_args(list(argv))
+    backbone = backbone_from_args(ns)
+    scorer = Scorer(backbone, config=scorer_config(ns))
+    prompts = load_prompts_or_zero_shot(scorer, ns.prompts, ns.category)
+    if ns.mask_out:
+        ns.mask_out.mkdir(parents=True, exist_ok=True)
+    for start in range(0, len(ns.images), ns.batch_size):
+        paths = ns.images[start : start + ns.batch_size]
+        frames = [read_image(path) for path in paths]
+        result = scorer.score(frames, prompts)
+        for path, score, amap in zip(paths, result.pred_score, result.anomaly_map, strict=True):
+            record = {
+                "image": str(path),
+                "pred_score": round(float(score), 6),
+                "pred_label": int(score >= prompts.threshold),
+                "threshold": prompts.threshold,
+                "prompts": prompts.label(),
+                "model": backbone.identity,
+                "weights": backbone.weights_label,
+            }
+            if ns.mask_out:
+                mask_path = ns.mask_out / f"{path.stem}_mask.png"
+                mask_path.write_bytes(encode_mask_png(amap >= prompts.pixel_threshold))
+                map_path = ns.mask_out / f"{path.stem}_map.png"
+                map_path.write_bytes(encode_map_png(amap))
+                record["mask"] = str(mask_path)
+            print(json.dumps(record), flush=True)
+    return 0
+
+
+def encode_map_png(amap) -> bytes:
+    import cv2
+    import numpy as np
+
+    ok, buf = cv2.imencode(".png", (np.clip(amap, 0, 1) * 255).astype(np.uint8))
+    if not ok:  # pragma: no cover - cv2 always encodes uint8 2-D arrays
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def load_prompts_or_zero_shot(scorer: Scorer, artifact: Path | None, category: str):
+    if artifact is None:
+        return scorer.zero_shot_prompts(category)
+    from hpad.artifact import load_prompt_artifact
+
+    return scorer.check_prompts(load_prompt_artifact(artifact, expected_identity=scorer.backbone.identity))
+
+
+@library_command("weights", "fetch CLIP weights into a cache dir (run where internet is allowed)")
+def weights_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="hpad weights", description="fetch: download an open_clip tag")
+    parser.add_argument("action", choices=["fetch"])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--pretrained", required=True)
+    parser.add_argument("--cache-dir", type=Path, required=True)
+    ns = parser.parse_args(list(argv))
+    spec = WeightsSpec(model=ns.model, pretrained=ns.pretrained, cache_dir=ns.cache_dir, allow_download=True)
+    backbone = load_backbone(spec, device="cpu")
+    print(f"weights for {backbone.identity} are in {ns.cache_dir}", file=sys.stderr)
+    return 0
+
+
+@library_command("eval", "evaluate on an MVTec-layout category: metrics.json, metrics.md, overlays")
+def eval_main(argv: Sequence[str]) -> int:
+    from tqdm import tqdm
+
+    from hpad.data import load_category, read_image, sample_shots
+    from hpad.evaluate import markdown_table, run_evaluation, write_report
+
+    parser = argparse.ArgumentParser(prog="hpad eval", description=eval_main.__doc__)
+    parser.add_argument("--data", type=Path, required=True, help="dataset root (MVTec layout)")
+    parser.add_argument("--category", required=True)
+    parser.add_argument("--shots", type=int, default=0,
+                        help="k normal train images as few-shot memory (0: none, or the artifact's own)")
+    parser.add_argument("--prompts", type=Path, help="prompt artifact from `hpad train` (default: zero-shot)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--overlays", type=int, default=8, help="overlay PNGs of the worst-scored images")
+    add_model_args(parser)
+    ns = parser.parse_args(list(argv))
+    data = load_category(ns.data, ns.category)
+    backbone = backbone_from_args(ns)
+    scorer = Scorer(backbone, config=scorer_config(ns))
+    prompts = load_prompts_or_zero_shot(scorer, ns.prompts, ns.category)
+    shots: list[Path] = []
+    if ns.shots > 0:
+        shots = sample_shots(data.train, ns.shots, ns.seed)
+        prompts = prompts.with_memory(scorer.build_memory([read_image(p) for p in shots]))
+    with tqdm(total=len(data.test), desc=f"eval {ns.category}", unit="img", disable=None) as bar:
+        report = run_evaluation(scorer, data, prompts, ns.batch_size, progress=bar.update)
+    report.info.update({"shots": ns.shots, "shot_images": [str(p) for p in shots], "seed": ns.seed,
+                        "data": str(ns.data)})
+    write_report(report, ns.out, ns.overlays)
+    print(markdown_table(report))
+    print(f"wrote {ns.out / 'metrics.json'}, {ns.out / 'metrics.md'} and {ns.out / 'overlays'}", file=sys.stderr)
+    return 0
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    from hpad.mpts import TrainConfig
+
+    d = TrainConfig()
+    group = parser.add_argument_group("training (MPTS + OAGM)")
+    group.add_argument("--n-ctx", type=int, default=d.n_ctx, help="learnable context tokens per class")
+    group.add_argument("--class-name", default=None,
+                       help="class token after the context (default: the category; '' for none)")
+    group.add_argument("--epochs", type=int, default=d.epochs)
+    group.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch)
+    group.add_argument("--train-batch", type=int, default=d.batch_size, help="examples per step")
+    group.add_argument("--lr", type=float, default=d.lr)
+    group.add_argument("--optimizer", choices=["adamw", "sgd"], default=d.optimizer)
+    group.add_argument("--lam", type=float, default=d.lam, help="MPTS guidance weight (1 = full projection)")
+    group.add_argument("--patience", type=int, default=d.patience, help="early-stop patience in epochs")
+    group.add_argument("--train-normals", type=int, default=d.train_normals)
+    group.add_argument("--train-anomalies", type=int, default=d.train_anomalies)
+    group.add_argument("--no-mpts", action="store_true", help="ablation: plain gradient, no meta guidance")
+    group.add_argument("--no-oagm", action="store_true", help="ablation: synthesize anywhere in the frame")
+    group.add_argument("--no-memory", action="store_true", help="do not store few-shot memory")
+    group.add_argument("--threshold-rule", choices=["f1", "quantile"], default=d.threshold_rule)
+    group.add_argument("--normal-quantile", type=float, default=d.normal_quantile)
+
+
+def train_config(ns: argparse.Namespace):
+    from hpad.mpts import TrainConfig
+    from hpad.oagm import OAGMConfig
+
+    return TrainConfig(
+        n_ctx=ns.n_ctx, class_name=ns.class_name, epochs=ns.epochs, steps_per_epoch=ns.steps_per_epoch,
+        batch_size=ns.train_batch, lr=ns.lr, optimizer=ns.optimizer, seed=ns.seed, lam=ns.lam,
+        patience=ns.patience, train_normals=ns.train_normals, train_anomalies=ns.train_anomalies,
+        mpts=not ns.no_mpts, memory=not ns.no_memory, threshold_rule=ns.threshold_rule,
+        normal_quantile=ns.normal_quantile, oagm=OAGMConfig(on_object=not ns.no_oagm),
+    )
+
+
+@library_command("train", "learn human-free prompts from k normal images (OAGM + MPTS) -> artifact")
+def train_main(argv: Sequence[str]) -> int:
+    from tqdm import tqdm
+
+    from hpad.artifact import build_artifact_bytes, save_artifact
+    from hpad.data import load_category, read_image, sample_shots
+    from hpad.mpts import train_prompts
+
+    parser = argparse.ArgumentParser(prog="hpad train", description=train_main.__doc__)
+    parser.add_argument("--data", type=Path, required=True, help="dataset root (MVTec layout)")
+    parser.add_argument("--category", required=True)
+    parser.add_argument("--shots", type=int, required=True, help="k normal images (1, 2, 4 in the protocol)")
+    parser.add_argument("--out", type=Path, required=True, help="prompt artifact to write (.safetensors)")
+    parser.add_argument("--version", type=int, default=1, help="prompt version stored in the artifact")
+    add_model_args(parser)
+    add_train_args(parser)
+    ns = parser.parse_args(list(argv))
+    config = train_config(ns)
+    data = load_category(ns.data, ns.category)
+    shots = sample_shots(data.train, ns.shots, ns.seed)
+    backbone = backbone_from_args(ns)
+    scorer = Scorer(backbone, config=scorer_config(ns))
+    normals = [read_image(p) for p in shots]
+    with tqdm(total=config.epochs, desc=f"train {ns.category} k={ns.shots}", unit="epoch", disable=None) as bar:
+        def progress(epoch: int, record: dict[str, float]) -> None:
+            bar.set_postfix(loss=f"{record['loss']:.4f}", val=f"{record['val_loss']:.4f}")
+            bar.update(1)
+
+        result = train_prompts(scorer, normals, ns.category, config, progress=progress)
+    extra = {
+        "k": ns.shots, "seed": ns.seed, "shots": [str(p) for p in shots], "n_ctx": config.n_ctx,
+        "class_name": ns.category if config.class_name is None else config.class_name,
+        "training": {"config": config.describe(), "metrics": result.metrics,
+                     "history_tail": result.history[-3:]},
+        "object_regions": [r.kind for r in result.regions],
+        "calibration": {"rule": config.threshold_rule},
+    }
+    data_bytes = build_artifact_bytes(result.prompts, version=ns.version, ctx=result.ctx,
+                                      image_size=backbone.image_size, extra=extra)
+    save_artifact(ns.out, data_bytes)
+    summary = {"artifact": str(ns.out), "bytes": len(data_bytes), "category": ns.category, "k": ns.shots,
+               "model": backbone.identity, "weights": backbone.weights_label, **result.metrics,
+               "threshold": result.prompts.threshold, "pixel_threshold": result.prompts.pixel_threshold}
+    print(json.dumps(summary, indent=2))
+    return 0
+import hpad.oagm_cli  # noqa: F401,E402

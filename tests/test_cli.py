@@ -1,0 +1,95 @@
+"""The library CLI end to end on a generated MVTec-layout category and the tiny random model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hpad.artifact import read_artifact
+from hpad.cli import main
+from hpad.masks import decode_mask_png
+from tests.synthetic import write_mvtec_category
+
+TINY = ["--model", "hpad-tiny", "--random-init"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mvtec")
+    write_mvtec_category(root, "widget", n_train=4, n_test_good=3, n_test_defect=3, defect_types=("scratch", "blob"))
+    return root
+
+
+def test_usage_and_unknown_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("score", "eval", "train", "oagm", "serve", "camera", "tune", "prompts", "weights"):
+        assert command in out
+    assert main(["frobnicate"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+
+
+def test_score_prints_json_and_writes_masks(dataset, tmp_path, capsys):
+    images = sorted((dataset / "widget" / "test").rglob("*.png"))[:3]
+    assert main(["score", *map(str, images), *TINY, "--mask-out", str(tmp_path)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["image"] for line in lines] == [str(p) for p in images]
+    for line in lines:
+        assert 0.0 <= line["pred_score"] <= 1.0 and "random weights" in line["weights"]
+        mask_path = Path(line["mask"])
+        assert mask_path.parent == tmp_path
+        assert decode_mask_png(mask_path.read_bytes()).shape == (96, 96)
+
+
+def test_eval_writes_metrics_table_and_overlays(dataset, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["eval", "--data", str(dataset), "--category", "widget", "--shots", "2", *TINY,
+                 "--out", str(out), "--overlays", "3"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["metrics"]) == {"image_AUROC", "pixel_AUROC", "AUPRO", "image_F1Max", "pixel_F1Max"}
+    assert set(metrics["per_defect_type"]) == {"scratch", "blob"}
+    assert metrics["random_weights"] is True and metrics["shots"] == 2 and len(metrics["shot_images"]) == 2
+    assert len(metrics["images"]) == 3 + 2 * 3
+    assert "Random weights" in (out / "metrics.md").read_text()
+    assert len(list((out / "overlays").glob("*.png"))) == 3
+    assert "image_AUROC" in capsys.readouterr().out
+
+
+def test_train_then_eval_with_the_artifact(dataset, tmp_path, capsys):
+    artifact_path = tmp_path / "widget.safetensors"
+    assert main(["train", "--data", str(dataset), "--category", "widget", "--shots", "2", "--seed", "3",
+                 *TINY, "--out", str(artifact_path), "--epochs", "3", "--steps-per-epoch", "2",
+                 "--train-normals", "8", "--train-anomalies", "8"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["k"] == 2 and "random weights" in summary["weights"]
+    artifact = read_artifact(artifact_path, expected_identity="hpad-tiny/random-init")
+    manifest = artifact.manifest
+    assert manifest["k"] == 2 and manifest["seed"] == 3 and manifest["category"] == "widget"
+    assert manifest["laa"] == {"enabled": True, "layers": 4, "radius": 1}
+    assert manifest["training"]["config"]["mpts"] is True and manifest["random_weights"] is True
+    out = tmp_path / "eval"
+    assert main(["eval", "--data", str(dataset), "--category", "widget", *TINY, "--prompts", str(artifact_path),
+                 "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["prompt_source"] == "learned" and metrics["few_shot_memory"] is True
+
+
+def test_artifact_for_other_laa_is_refused(dataset, tmp_path, capsys):
+    artifact_path = tmp_path / "widget.safetensors"
+    assert main(["train", "--data", str(dataset), "--category", "widget", "--shots", "1", *TINY, "--no-laa",
+                 "--out", str(artifact_path), "--epochs", "1", "--steps-per-epoch", "1"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--data", str(dataset), "--category", "widget", *TINY, "--prompts", str(artifact_path),
+                 "--out", str(tmp_path / "e")]) == 2
+    assert "LAA" in capsys.readouterr().err
+
+
+def test_missing_weights_and_bad_data_are_clear_errors(dataset, tmp_path, capsys):
+    assert main(["score", str(tmp_path / "x.png"), "--pretrained", "laion400m_e32",
+                 "--cache-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "not available" in err and "--checkpoint" in err
+    assert main(["eval", "--data", str(dataset), "--category", "nope", *TINY, "--out", str(tmp_path)]) == 2
+    assert "nope" in capsys.readouterr().err
