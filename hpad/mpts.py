@@ -291,11 +291,13 @@ def train_prompts(
     init_ctx: torch.Tensor | None = None,
     val_normals: Sequence[np.ndarray] = (),
     progress: Callable[[int, dict[str, float]], None] | None = None,
+    memory_frames: Sequence[np.ndarray] | None = None,
 ) -> TrainResult:
     """Learn a prompt set for ``category`` from ``normals`` (k images). Deterministic for ``config.seed``.
 
     ``init_ctx`` warm-starts from earlier prompts; ``val_normals`` are real held-out normals (the tuner has
-    them); without them validation normals are augmented views of the k shots.
+    them); without them validation normals are augmented views of the k shots. ``memory_frames`` (default:
+    ``normals``) become the few-shot memory when ``config.memory`` is on.
     """
     if not normals:
         raise ConfigError("training needs at least one normal image")
@@ -345,7 +347,7 @@ def train_prompts(
     with torch.no_grad():
         learner.ctx.copy_(best[1])
     prompts = snapshot()
-    memory = scorer.build_memory(normals) if config.memory else None
+    memory = scorer.build_memory(list(memory_frames or normals)) if config.memory else None
     prompts = prompts.with_memory(memory)
     after = evaluate_pool(scorer, val_pool, prompts, config)
     calibration = calibrate_on_pool(scorer, val_pool, prompts, config)
@@ -364,17 +366,32 @@ def train_prompts(
     return TrainResult(prompts, initial, best[1].cpu(), history, metrics, list(regions), config)
 
 
+def score_pool(scorer: Scorer, pool: Pool, prompts: PromptSet) -> tuple[np.ndarray, np.ndarray]:
+    """Score an encoded pool exactly as the service scores (memory included): ([P] scores, [P, S, S] maps)."""
+    size = scorer.backbone.image_size
+    result = scorer.score_tokens(pool.tokens, [size] * len(pool), scorer.check_prompts(prompts))
+    return result.pred_score, np.stack(result.anomaly_map)
+
+
+def evaluate_as_served(scorer: Scorer, pool: Pool, prompts: PromptSet) -> dict[str, float]:
+    """Image and pixel AUROC of a prompt set on a pool, scored as the service scores (the tuner's gate)."""
+    scores, maps = score_pool(scorer, pool, prompts)
+    return {
+        "image_auroc": image_auroc(pool.labels.numpy(), scores),
+        "pixel_auroc": pixel_auroc(pool.masks.numpy() > 0.5, maps),
+    }
+
+
 def calibrate_on_pool(scorer: Scorer, pool: Pool, prompts: PromptSet, config: TrainConfig) -> dict[str, float]:
     """Decision thresholds from the validation pool scored exactly as the service scores (memory included)."""
     from hpad.calibration import calibrate_thresholds
 
-    size = scorer.backbone.image_size
-    result = scorer.score_tokens(pool.tokens, [size] * len(pool), scorer.check_prompts(prompts))
+    scores, maps = score_pool(scorer, pool, prompts)
     return calibrate_thresholds(
         labels=pool.labels.numpy(),
-        scores=result.pred_score,
+        scores=scores,
         masks=pool.masks.numpy() > 0.5,
-        maps=np.stack(result.anomaly_map),
+        maps=maps,
         rule=config.threshold_rule,
         normal_quantile=config.normal_quantile,
     )

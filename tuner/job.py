@@ -1,0 +1,152 @@
+"""One tuning run for one category: split fresh normals, re-run OAGM + MPTS warm-started from the current
+prompts, and decide through the validation gate whether the candidate may be published.
+
+Splits (disjoint, newest frames favoured for training):
+
+* ``train`` - the newest ``shots`` normals (verified ones first): the k shots of the method and the few-shot
+  memory.
+* ``early-stop`` - normals MPTS validates on for early stopping and threshold calibration.
+* ``gate`` - normals never seen by training, plus fresh OAGM anomalies from a seed training never uses, plus
+  any labelled anomalies operators provide. Both the current prompts and the candidate are scored on this
+  pool exactly as the service scores (few-shot memory included).
+
+The gate (`gate`) publishes only when every number is finite and the candidate's gate score (mean of image
+and pixel AUROC, or image AUROC alone when no pixel labels exist) is not worse than the current version's
+by more than ``margin``. Both scores are recorded either way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from hpad.artifact import PromptArtifact
+from hpad.errors import ConfigError
+from hpad.mpts import Pool, TrainConfig, TrainResult, build_pool, evaluate_as_served, train_prompts
+from hpad.oagm import object_masks
+from hpad.prompts import PromptSet
+from hpad.scorer import Scorer
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    shots: int = 4
+    min_normals: int = 8
+    gate_normals: int = 16
+    gate_anomalies: int = 32
+    margin: float = 0.02
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.shots < 1 or self.gate_normals < 1 or self.gate_anomalies < 1:
+            raise ConfigError("tuning needs shots, gate_normals and gate_anomalies >= 1")
+        if self.min_normals < self.shots + 2:
+            raise ConfigError(f"min_normals ({self.min_normals}) must leave held-out normals beyond shots ({self.shots})")
+        if not 0 <= self.margin < 1:
+            raise ConfigError(f"gate margin must be in [0, 1), got {self.margin}")
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    publish: bool
+    reason: str
+    current: dict[str, float]
+    candidate: dict[str, float]
+
+
+@dataclass
+class TuneOutcome:
+    result: TrainResult
+    decision: GateDecision
+    splits: dict[str, int]
+
+
+def gate_score(metrics: dict[str, float]) -> float:
+    values = [metrics["image_auroc"]] + ([metrics["pixel_auroc"]] if "pixel_auroc" in metrics else [])
+    return float(np.mean(values))
+
+
+def gate(current: dict[str, float], candidate: dict[str, float], margin: float) -> GateDecision:
+    """Publish iff the candidate is finite and not worse than the current version by more than ``margin``."""
+    if not all(math.isfinite(v) for v in candidate.values()):
+        return GateDecision(False, "candidate metrics are not finite", current, candidate)
+    cand, cur = gate_score(candidate), gate_score(current)
+    if not math.isfinite(cur):
+        return GateDecision(True, "current version has no finite score; candidate accepted", current, candidate)
+    if cand + margin < cur:
+        return GateDecision(False, f"candidate {cand:.4f} is worse than current {cur:.4f} by more than {margin}",
+                            current, candidate)
+    return GateDecision(True, f"candidate {cand:.4f} vs current {cur:.4f} (margin {margin})", current, candidate)
+
+
+def split_normals(n: int, shots: int, gate_normals: int) -> dict[str, list[int]]:
+    """Indices into newest-first normals: train = first ``shots``; then the gate and early-stop sets alternate
+    so both see the whole time range; the gate gets at most ``gate_normals``."""
+    if n < shots + 2:
+        raise ConfigError(f"need at least {shots + 2} normals to tune (have {n})")
+    rest = list(range(shots, n))
+    gate_idx = rest[0::2][:gate_normals]
+    early = [i for i in rest if i not in set(gate_idx)]
+    return {"train": list(range(shots)), "gate": gate_idx, "early_stop": early}
+
+
+def _with_labelled(pool: Pool, labelled: Pool | None) -> Pool:
+    if labelled is None or len(labelled) == 0:
+        return pool
+    from hpad.attention import ImageTokens
+
+    tokens = ImageTokens(torch.cat([pool.tokens.cls, labelled.tokens.cls]),
+                         torch.cat([pool.tokens.patches, labelled.tokens.patches]))
+    return Pool(tokens, torch.cat([pool.labels, labelled.labels]), torch.cat([pool.masks, labelled.masks]),
+                pool.generators + labelled.generators)
+
+
+def encode_labelled(scorer: Scorer, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> Pool:
+    """Operator-labelled anomalies (with pixel masks) as a pool for the gate."""
+    import torch.nn.functional as F
+
+    size = scorer.backbone.image_size
+    resized = [
+        (F.interpolate(torch.from_numpy(m.astype(np.float32))[None, None], size=size, mode="area")[0, 0] > 0.5).float()
+        for m in masks
+    ]
+    return Pool(scorer.encode(list(images)), torch.ones(len(images), dtype=torch.long), torch.stack(resized),
+                ["labelled"] * len(images))
+
+
+def tune_category(
+    scorer: Scorer,
+    category: str,
+    normals: Sequence[np.ndarray],
+    current: PromptSet,
+    config: TuneConfig,
+    current_artifact: PromptArtifact | None = None,
+    labelled: Pool | None = None,
+    seed: int = 0,
+) -> TuneOutcome:
+    """Train a candidate from ``normals`` (newest first) and judge it against ``current`` on the gate pool."""
+    splits = split_normals(len(normals), config.shots, config.gate_normals)
+    train = [normals[i] for i in splits["train"]]
+    early = [normals[i] for i in splits["early_stop"]]
+    gate_frames = [normals[i] for i in splits["gate"]]
+    init_ctx = None  # warm start only from a context of the same length
+    ctx = current_artifact.ctx if current_artifact is not None else None
+    if ctx is not None and ctx.shape[1] == config.train.n_ctx:
+        init_ctx = ctx
+    train_config = replace(config.train, seed=seed)
+    result = train_prompts(scorer, train, category, train_config, init_ctx=init_ctx, val_normals=early)
+    rng = np.random.default_rng(seed + 7_919)
+    regions = object_masks(scorer, train, train_config.oagm)
+    gate_pool = build_pool(scorer, rng, train, regions, 0, config.gate_anomalies, train_config.oagm,
+                           extra_normals=gate_frames)
+    gate_pool = _with_labelled(gate_pool, labelled)
+    candidate_metrics = evaluate_as_served(scorer, gate_pool, result.prompts)
+    current_metrics = evaluate_as_served(scorer, gate_pool, current)
+    decision = gate(current_metrics, candidate_metrics, config.margin)
+    counts = {name: len(idx) for name, idx in splits.items()}
+    counts["gate_anomalies"] = config.gate_anomalies + (len(labelled) if labelled is not None else 0)
+    return TuneOutcome(result, decision, counts)
