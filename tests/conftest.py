@@ -23,3 +23,18 @@ def tiny_scorer(tiny_backbone):
     from hpad.scorer import Scorer
 
     return Scorer.zero_shot(tiny_backbone, category="widget")
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory):
+    """One embedded tansu broker (Kafka protocol) on 127.0.0.1 for the whole session, stopped at the end.
+
+    Tests create their own uuid-named topics and groups. ``kafka_broker.schema_dir`` is tansu's JSON schema
+    registry: a ``<topic>.json`` schema written there makes the broker refuse records of that topic that do
+    not match it (used to provoke real broker-side errors).
+    """
+    from consumers.broker import EmbeddedBroker
+
+    root = tmp_path_factory.mktemp("tansu")
+    with EmbeddedBroker(schema_dir=root / "schemas", log_path=root / "tansu.log") as broker:
+        yield broker

@@ -1,0 +1,92 @@
+"""``hpad serve``: the Kafka scoring worker process.
+
+Reads `WorkerSettings` (env / .env / flags), starts the metrics server, loads the model and the prompt
+sets, then runs the `consumers.worker.Worker` until SIGTERM/SIGINT (or ``--max-frames`` / ``--timeout``).
+Exit codes: 0 clean stop, 1 fatal output error (nothing after it committed), 2 bad settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import torch
+from kafka.errors import KafkaError
+
+from consumers.events import ModelInfo
+from consumers.metrics import Health, MetricsServer, WorkerMetrics
+from consumers.prompt_provider import StaticPromptProvider
+from consumers.settings import WorkerSettings, add_cli_flags, cli_overrides, load_settings
+from consumers.worker import Worker
+from hpad.attention import LAAConfig
+from hpad.backbone import WeightsSpec, load_backbone
+from hpad.scorer import Scorer, ScorerConfig
+
+log = logging.getLogger("hpad.serve")
+
+
+def build_scorer(settings: WorkerSettings) -> Scorer:
+    """The model named by the settings, wrapped in a Scorer with the settings' LAA, sigma and batch size."""
+    if settings.torch_threads > 0:
+        torch.set_num_threads(settings.torch_threads)
+    spec = WeightsSpec(
+        model=settings.model, pretrained=settings.weights_pretrained, checkpoint=settings.checkpoint,
+        random_init=settings.random_init, cache_dir=settings.cache_dir, allow_download=settings.allow_download,
+        seed=settings.seed,
+    )
+    backbone = load_backbone(spec, device=settings.device, precision=settings.precision)
+    laa = LAAConfig(enabled=settings.laa, layers=settings.laa_layers, radius=settings.laa_radius)
+    return Scorer(backbone, config=ScorerConfig(laa=laa, sigma=settings.sigma, max_batch=settings.max_batch_size))
+
+
+def model_info(scorer: Scorer, precision: str) -> ModelInfo:
+    b = scorer.backbone
+    return ModelInfo(model=b.model_name, weights=b.weights_id, identity=b.identity, random_weights=b.random_weights,
+                     device=str(b.device), precision=precision)
+
+
+def build_worker(settings: WorkerSettings, metrics: WorkerMetrics | None = None,
+                 health: Health | None = None) -> Worker:
+    scorer = build_scorer(settings)
+    provider = StaticPromptProvider.build(scorer, settings.categories, settings.prompt_dir)
+    return Worker(settings, scorer, provider, model_info(scorer, settings.precision), metrics, health)
+
+
+def parse_args(argv: Sequence[str]) -> tuple[WorkerSettings, argparse.Namespace]:
+    parser = argparse.ArgumentParser(prog="hpad serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--max-frames", type=int, help="stop after this many frames are done (tests, demos)")
+    parser.add_argument("--timeout", type=float, help="stop after this many seconds")
+    add_cli_flags(parser, WorkerSettings)
+    ns = parser.parse_args(list(argv))
+    settings = load_settings(WorkerSettings, cli_overrides(ns, WorkerSettings))
+    assert isinstance(settings, WorkerSettings)
+    return settings, ns
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings, ns = parse_args(sys.argv[1:] if argv is None else argv)
+    for package in ("hpad", "consumers"):  # the root logger stays as the CLI set it (open_clip is chatty)
+        logging.getLogger(package).setLevel(settings.log_level)
+    metrics = WorkerMetrics()
+    health = Health(settings.liveness_timeout_ms / 1000)
+    server = None
+    if settings.metrics_port >= 0:
+        server = MetricsServer(metrics, health, settings.metrics_host, settings.metrics_port).start()
+        log.info("metrics on http://%s:%d/metrics (also /healthz, /readyz)", settings.metrics_host, server.port)
+    try:
+        worker = build_worker(settings, metrics, health)
+        if worker.model.random_weights:
+            log.warning("RANDOM WEIGHTS: model %s is not pretrained; scores carry no meaning", worker.model.model)
+        result = worker.run(max_frames=ns.max_frames, timeout=ns.timeout)
+    except KafkaError as exc:
+        log.error("Kafka error: %s", exc)
+        return 1
+    finally:
+        if server is not None:
+            server.stop()
+    log.info("stopped (%s): %d frames done, drained=%s", result.reason, result.completed, result.drained)
+    if result.error:
+        log.error("%s", result.error)
+    return result.exit_code

@@ -1,0 +1,116 @@
+"""Frame bytes -> pixels, with every size check done on the image header before any pixel is decoded.
+
+`image_size` reads width and height from the PNG ``IHDR`` chunk or the JPEG start-of-frame marker (a few
+dozen bytes; nothing is decompressed), so a decompression bomb (a small file declaring 100000 x 100000
+pixels) is refused by `check_dimensions` instead of being decoded. `decode_frame` then decodes with OpenCV
+(which releases the GIL, so a small thread pool decodes in parallel with the model) to uint8 RGB
+[H, W, 3], or reshapes raw pixels, and checks that the result has the size the header promised.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import cv2
+import numpy as np
+
+from consumers.contract import ContentType, FrameMeta, Limits
+from hpad.errors import FrameError
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SOI = b"\xff\xd8"
+# start-of-frame markers that carry the image size (baseline, progressive, lossless, arithmetic...)
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0-7: no length field
+_DECODE_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    if len(data) < 24 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        raise FrameError("undecodable", "declared image/png but the bytes do not start with a PNG IHDR header")
+    width, height = struct.unpack(">II", data[16:24])
+    return int(width), int(height)
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a JPEG's first start-of-frame marker (walks the marker segments only)."""
+    if not data.startswith(JPEG_SOI):
+        raise FrameError("undecodable", "declared image/jpeg but the bytes do not start with a JPEG SOI marker")
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            raise FrameError("undecodable", f"JPEG marker expected at byte {pos}")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _JPEG_STANDALONE:
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            break
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if length < 2:
+            raise FrameError("undecodable", f"JPEG segment at byte {pos} has length {length}")
+        if marker in _JPEG_SOF:
+            if pos + 9 > end:
+                break
+            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
+            return int(width), int(height)
+        pos += 2 + length
+    raise FrameError("undecodable", "JPEG has no start-of-frame header (truncated or not a JPEG)")
+
+
+def image_size(content: ContentType, data: bytes) -> tuple[int, int]:
+    """(width, height) of a frame from its header alone."""
+    if content.kind == "png":
+        return png_size(data)
+    if content.kind == "jpeg":
+        return jpeg_size(data)
+    assert content.shape is not None  # raw frames always carry a shape (contract.parse_content_type)
+    return content.shape[1], content.shape[0]
+
+
+def check_dimensions(width: int, height: int, limits: Limits) -> None:
+    """Refuse absurd sides and too many pixels (before decoding)."""
+    if min(width, height) < limits.min_side or max(width, height) > limits.max_side:
+        raise FrameError("bad_dimensions", f"frame is {width}x{height}; each side must be within "
+                         f"{limits.min_side}..{limits.max_side} pixels")
+    if width * height > limits.max_pixels:
+        raise FrameError("too_many_pixels", f"frame is {width}x{height} = {width * height} pixels, over the "
+                         f"{limits.max_pixels}-pixel limit")
+
+
+def inspect_frame(meta: FrameMeta, data: bytes, limits: Limits) -> tuple[int, int]:
+    """Header-only checks of a frame's bytes -> (width, height)."""
+    width, height = image_size(meta.content_type, data)
+    check_dimensions(width, height, limits)
+    return width, height
+
+
+def decode_raw(content: ContentType, data: bytes) -> np.ndarray:
+    assert content.shape is not None
+    h, w, c = content.shape
+    if len(data) != h * w * c:
+        raise FrameError("undecodable", f"raw frame has {len(data)} bytes but shape {h},{w},{c} needs {h * w * c}")
+    pixels = np.frombuffer(data, dtype=np.uint8).reshape(h, w, c)
+    if c >= 3 and content.order == "bgr":
+        pixels = pixels[:, :, [2, 1, 0, 3][:c]]
+    return pixels
+
+
+def decode_frame(meta: FrameMeta, data: bytes, size: tuple[int, int]) -> np.ndarray:
+    """Bytes -> uint8 pixels ([H, W, 3] RGB for JPEG/PNG, [H, W, C] for raw); must match ``size`` (W, H)."""
+    if meta.content_type.kind == "raw":
+        return decode_raw(meta.content_type, data)
+    try:
+        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _DECODE_FLAGS)
+    except cv2.error as exc:  # OpenCV refuses some malformed inputs with an exception instead of None
+        raise FrameError("undecodable", f"OpenCV cannot decode the {meta.content_type.kind.upper()}: {exc}") from None
+    if bgr is None:
+        raise FrameError("undecodable", f"{meta.content_type.kind.upper()} data cannot be decoded (corrupt or truncated)")
+    if (bgr.shape[1], bgr.shape[0]) != size:
+        raise FrameError("undecodable", f"decoded {bgr.shape[1]}x{bgr.shape[0]} pixels but the header says "
+                         f"{size[0]}x{size[1]}")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

@@ -1,0 +1,226 @@
+"""Delivering a batch's outputs: send, flush, check every record; isolate records the broker refuses.
+
+`Deliverer.deliver` (at-least-once) sends all outputs, flushes and checks each delivery: acknowledged ones are
+done, transient failures are re-sent with backoff, records still pending after a flush are waited for (not
+re-sent, which would duplicate them). When the broker refuses a record for good (invalid record, too large),
+kafka-python 3.0.12's idempotent producer enters a fatal state and fails everything else it holds too, so
+one refusal cannot be told from its collateral: the producer is replaced and the unacknowledged records are
+re-sent one at a time ("careful mode") until the refused ones are known. A refused event is swapped for its
+dead letter; a refused dead letter stops the worker (`OutputDeliveryError`).
+
+`Deliverer.deliver_transaction` (exactly-once) does the same inside one transaction per batch that also
+carries the consumer offsets; any failure aborts the transaction and the batch is sent again (in careful
+mode after a refusal, to find and swap the refused record).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kafka import KafkaProducer
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from consumers import kafka_io
+from consumers.metrics import WorkerMetrics
+from hpad.errors import HpadError
+
+if TYPE_CHECKING:
+    from consumers.pipeline import FrameItem
+
+log = logging.getLogger(__name__)
+
+
+class OutputDeliveryError(HpadError):
+    """Output cannot be delivered (e.g. the dead-letter topic refuses records): stop, commit nothing more."""
+
+
+@dataclass(eq=False)
+class Output:
+    """One output record of a frame: an event, or a dead letter (``reason`` set)."""
+
+    item: FrameItem
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    reason: str | None = None
+    delivery: kafka_io.Delivery | None = None
+
+    def become(self, other: Output) -> None:
+        self.topic, self.key, self.value, self.headers, self.reason = (other.topic, other.key, other.value,
+                                                                       other.headers, other.reason)
+        self.delivery = None
+
+
+@dataclass
+class Round:
+    """Outcome of one send + flush: records to re-send, still pending, refused (with their errors)."""
+
+    retry: list[Output]
+    pending: list[Output]
+    refused: list[tuple[Output, BaseException]]
+
+
+class Deliverer:
+    """Owns the producer (replaced after a refusal) and delivers batches of outputs."""
+
+    def __init__(self, producer: KafkaProducer, factory: Callable[[], KafkaProducer], metrics: WorkerMetrics,
+                 stop: threading.Event, to_dead_letter: Callable[[Output, BaseException], Output],
+                 backoff_s: float = 0.2, backoff_max_s: float = 10.0, flush_timeout_s: float = 30.0) -> None:
+        self.producer, self.factory, self.metrics, self.stop = producer, factory, metrics, stop
+        self.to_dead_letter = to_dead_letter
+        self.backoff_s, self.backoff_max_s, self.flush_timeout_s = backoff_s, backoff_max_s, flush_timeout_s
+
+    # ------------------------------------------------------------------------------ primitives
+    def _send(self, outs: list[Output]) -> None:
+        for out in outs:
+            out.delivery = kafka_io.send(self.producer, out.topic, out.key, out.value, out.headers)
+
+    def _round(self, outs: list[Output], waiting: list[Output]) -> Round:
+        """Send ``outs``, flush, and classify them and the ``waiting`` ones."""
+        self._send(outs)
+        kafka_io.flush(self.producer, self.flush_timeout_s)
+        result = Round([], [], [])
+        for out in [*waiting, *outs]:
+            assert out.delivery is not None
+            ok, error = out.delivery.outcome()
+            if ok:
+                continue
+            if error is None:
+                result.pending.append(out)
+            elif kafka_io.is_retriable(error):
+                log.warning("output to %s failed transiently (%s); re-sending", out.topic, error)
+                result.retry.append(out)
+            else:
+                result.refused.append((out, error))
+        return result
+
+    def _alone(self, out: Output) -> tuple[str, BaseException | None]:
+        """Send one record and wait for it: ('ok' | 'retry' | 'refused', error)."""
+        result = self._round([out], [])
+        if result.refused:
+            return "refused", result.refused[0][1]
+        return ("retry", None) if result.retry or result.pending else ("ok", None)
+
+    def _swap(self, out: Output, error: BaseException) -> None:
+        """A refused event becomes its dead letter; a refused dead letter is fatal."""
+        if out.reason is not None:
+            raise OutputDeliveryError(f"dead-letter topic {out.topic} refused the frame at {out.item.source} "
+                                      f"({out.reason}): {error}; stopping without committing it")
+        log.warning("event of frame at %s refused (%s); dead-lettering it", out.item.source, error)
+        out.become(self.to_dead_letter(out, error))
+
+    def replace_producer(self) -> None:
+        """After a refusal kafka-python's idempotent producer refuses everything: start a new one."""
+        old = self.producer
+        backoff = kafka_io.Backoff(self.backoff_s, self.backoff_max_s)
+        new = kafka_io.connect(self.factory, "producer", self.stop, backoff)
+        if new is None:
+            raise OutputDeliveryError("stopped while replacing the producer")
+        self.producer = new
+        try:
+            old.close(timeout=0)
+        except KafkaError as exc:
+            log.debug("closing the failed producer: %s", exc)
+
+    def _wait(self, backoff: kafka_io.Backoff, kind: str, count: int) -> None:
+        self.metrics.retries.labels(kind=kind).inc(count)
+        self.stop.wait(backoff.next_delay())
+
+    # ------------------------------------------------------------------------------ at-least-once
+    def deliver(self, outs: list[Output]) -> bool:
+        """Every output acknowledged (True), or stopping (False: nothing may be committed)."""
+        backoff = kafka_io.Backoff(self.backoff_s, self.backoff_max_s)
+        result = self._round(outs, [])
+        todo, waiting = result.retry, result.pending
+        careful = False
+        if result.refused:
+            self.replace_producer()
+            todo, waiting, careful = [o for o, _ in result.refused] + todo + waiting, [], True
+        while todo or waiting:
+            if self.stop.is_set():
+                return False
+            if careful:
+                todo = self._each(todo)
+            else:
+                result = self._round(todo, waiting)
+                todo, waiting = result.retry, result.pending
+            if todo:
+                self._wait(backoff, "produce", len(todo))
+        return True
+
+    def _each(self, outs: list[Output]) -> list[Output]:
+        """Careful mode: one record at a time; returns those to retry later."""
+        retry = []
+        for out in outs:
+            status, error = self._alone(out)
+            if status == "refused":
+                self.replace_producer()
+                assert error is not None
+                self._swap(out, error)
+                status, error = self._alone(out)
+                if status == "refused":
+                    self._swap(out, error or KafkaError("refused"))
+            if status == "retry":
+                retry.append(out)
+        return retry
+
+    # ------------------------------------------------------------------------------ exactly-once
+    def deliver_transaction(self, outs: list[Output], offsets: dict[TopicPartition, OffsetAndMetadata],
+                            group_metadata: Callable[[], object]) -> bool:
+        """One transaction: all outputs + ``offsets``; aborted and repeated until it commits (or stop)."""
+        backoff = kafka_io.Backoff(self.backoff_s, self.backoff_max_s)
+        careful = False
+        while not self.stop.is_set():
+            self.producer.begin_transaction()
+            try:
+                if careful:
+                    sent = self._each_in_transaction(outs)
+                else:
+                    result = self._round(outs, [])
+                    sent = not (result.retry or result.pending or result.refused)
+                    careful = bool(result.refused)
+                if sent:
+                    if offsets:
+                        self.producer.send_offsets_to_transaction(offsets, group_metadata())
+                    self.producer.commit_transaction()
+                    return True
+            except KafkaError as exc:
+                if "Fenced" in type(exc).__name__:
+                    raise OutputDeliveryError(f"transactional producer fenced (another worker took over): {exc}") from exc
+                log.warning("transaction failed (%s); aborting and retrying", exc)
+            except OutputDeliveryError:
+                self._abort()
+                raise
+            self._abort()
+            self._wait(backoff, "transaction", 1)
+        return False
+
+    def _each_in_transaction(self, outs: list[Output]) -> bool:
+        """Careful mode inside a transaction: stop at the first failure (swapping a refused event)."""
+        for out in outs:
+            status, error = self._alone(out)
+            if status == "refused":
+                assert error is not None
+                self._swap(out, error)
+                return False
+            if status == "retry":
+                return False
+        return True
+
+    def _abort(self) -> None:
+        try:
+            self.producer.abort_transaction()
+        except KafkaError as exc:
+            raise OutputDeliveryError(f"cannot abort the transaction: {exc}") from exc
+
+    def close(self, timeout_s: float) -> None:
+        try:
+            self.producer.close(timeout=timeout_s)
+        except KafkaError as exc:
+            log.warning("producer close: %s", exc)

@@ -1,0 +1,67 @@
+"""Generated parts of ``consumers/CONTRACT.md``: settings, metrics and dead-letter reason tables.
+
+The tables sit between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->`` markers and are produced
+from the settings classes and the metrics registry, so the document cannot drift from the code (a test
+compares them). ``python -m consumers.docs`` rewrites them in place.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from consumers.contract import REASONS
+from consumers.metrics import WorkerMetrics
+from consumers.settings import CameraSettings, KafkaSettings, WorkerSettings, settings_table
+
+CONTRACT = Path(__file__).resolve().parent / "CONTRACT.md"
+
+
+def metrics_table() -> str:
+    """| metric | type | labels | meaning | for every metric family of the worker."""
+    lines = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
+    for name, kind, labels, text in WorkerMetrics().families():
+        escaped = text.replace("|", "\\|")
+        lines.append(f"| `{name}` | {kind} | {', '.join(labels) or '-'} | {escaped} |")
+    return "\n".join(lines)
+
+
+def reasons_table() -> str:
+    lines = ["| `hpad-error-class` | meaning |", "|---|---|"]
+    lines += [f"| `{code}` | {text} |" for code, text in REASONS.items()]
+    return "\n".join(lines)
+
+
+def generated_blocks() -> dict[str, str]:
+    camera_only = [n for n in CameraSettings.model_fields if n not in KafkaSettings.model_fields or n == "client_id"]
+    return {
+        "worker-settings": settings_table(WorkerSettings),
+        "camera-settings": settings_table(CameraSettings, fields=camera_only),
+        "metrics": metrics_table(),
+        "reasons": reasons_table(),
+    }
+
+
+def block(text: str, name: str) -> str | None:
+    match = re.search(rf"<!-- generated:{name} -->\n(.*?)<!-- /generated:{name} -->", text, re.S)
+    return None if match is None else match.group(1).rstrip("\n")
+
+
+def sync(path: Path = CONTRACT) -> bool:
+    """Rewrite the generated blocks of ``path``; True when something changed."""
+    text = path.read_text()
+    new = text
+    for name, table in generated_blocks().items():
+        if block(new, name) is None:
+            raise SystemExit(f"{path} has no <!-- generated:{name} --> block")
+        new = re.sub(rf"(<!-- generated:{name} -->\n).*?(<!-- /generated:{name} -->)",
+                     lambda m, t=table: m.group(1) + t + "\n" + m.group(2), new, flags=re.S)
+    if new != text:
+        path.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":
+    changed = sync(Path(sys.argv[1]) if len(sys.argv) > 1 else CONTRACT)
+    print(f"{CONTRACT.name}: {'updated' if changed else 'up to date'}")

@@ -1,0 +1,455 @@
+"""The worker's three-stage pipeline: decode (thread pool) -> score (one thread) -> output (one thread).
+
+The main loop admits polled records (`admit`: header checks, size checks from the image header, decode
+submitted to the pool) and dispatches batches. While the model scores batch N, the pool decodes batch N+1
+(OpenCV releases the GIL) and the output thread builds, sends and flushes the events of batch N-1, so the
+model never waits for decoding or for the broker.
+
+Scoring (`ScoreStage`): one prompt snapshot per batch, frames grouped per category into sub-batches, each
+scored by `hpad.scorer.Scorer.score`. Out-of-memory splits a sub-batch in halves; a single frame is retried
+with backoff, then dead-lettered (never dropped).
+
+Output (`OutputStage` + `consumers.delivery.Deliverer`): one event or dead letter per frame; flush; every
+delivery checked. An event the broker refuses (too large, invalid) becomes a dead letter; transient failures
+are re-sent with backoff; a dead letter the broker refuses stops the worker (`OutputDeliveryError`) and
+nothing after it is committed. A frame is marked done in the `OffsetBook` only once its output is
+acknowledged (or, with exactly-once, once its transaction, which also carries the offsets, is committed).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+import torch
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from consumers import contract as c
+from consumers import events as ev
+from consumers.decode import decode_frame, inspect_frame
+from consumers.delivery import Deliverer, Output, OutputDeliveryError
+from consumers.metrics import WorkerMetrics
+from consumers.offsets import OffsetBook
+from consumers.prompt_provider import PromptProvider, PromptSnapshot
+from hpad.errors import FrameError
+from hpad.prompts import PromptSet
+from hpad.scorer import Scorer
+
+log = logging.getLogger(__name__)
+DLQ_HEADROOM = 16 * 1024  # bytes kept free for headers when a dead letter copies the original value
+
+
+@dataclass(eq=False)
+class FrameItem:
+    """One polled record on its way through the pipeline."""
+
+    record: ConsumerRecord
+    tp: TopicPartition
+    epoch: int
+    received: float  # time.monotonic() when poll returned it
+    meta: c.FrameMeta | None = None
+    size: tuple[int, int] | None = None  # (width, height) from the image header
+    error: FrameError | None = None
+    decoding: Future | None = None
+    pixels: np.ndarray | None = None
+    decode_s: float = 0.0
+    infer_start: float = 0.0
+    infer_s: float = 0.0
+    scored: ev.Scored | None = None
+    anomaly_map: np.ndarray | None = None
+
+    def fail(self, error: FrameError) -> None:
+        self.error, self.pixels, self.anomaly_map = error, None, None
+
+    @property
+    def source(self) -> tuple[str, int, int]:
+        return self.record.topic, self.record.partition, self.record.offset
+
+
+@dataclass(eq=False)
+class Batch:
+    items: list[FrameItem]
+    created: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The parts of the settings the stages need (kept small so tests can build stages directly)."""
+
+    events_topic: str
+    dlq_topic: str
+    worker_name: str
+    limits: c.Limits
+    default_category: str | None
+    mask_policy: str
+    max_request_size: int
+    exactly_once: bool = False
+    pipeline_depth: int = 2
+    decode_threads: int = 2
+    oom_retries: int = 3
+    retry_backoff_s: float = 0.2
+    retry_backoff_max_s: float = 10.0
+    flush_timeout_s: float = 30.0
+
+
+def _timed_decode(meta: c.FrameMeta, data: bytes, size: tuple[int, int]) -> tuple[np.ndarray, float]:
+    start = time.perf_counter()
+    pixels = decode_frame(meta, data, size)
+    return pixels, time.perf_counter() - start
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch's OutOfMemoryError (GPU) or the CPU allocator's RuntimeError."""
+    oom_type = getattr(torch, "OutOfMemoryError", None)
+    if oom_type is not None and isinstance(exc, oom_type):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+class Pipeline:
+    """Owns the decode pool, the scoring and output threads, and the in-flight batch count."""
+
+    def __init__(self, config: PipelineConfig, scorer: Scorer, provider: PromptProvider, book: OffsetBook,
+                 producer: KafkaProducer, producer_factory: Callable[[], KafkaProducer], metrics: WorkerMetrics,
+                 model: ev.ModelInfo, consumer: KafkaConsumer | None = None) -> None:
+        self.config = config
+        self.provider = provider
+        self.book = book
+        self.metrics = metrics
+        self.pool = ThreadPoolExecutor(max_workers=config.decode_threads, thread_name_prefix="hpad-decode")
+        self.to_score: queue.Queue[Batch | None] = queue.Queue(maxsize=config.pipeline_depth)
+        self.to_output: queue.Queue[Batch | None] = queue.Queue(maxsize=config.pipeline_depth)
+        self._cond = threading.Condition()
+        self._inflight = 0
+        self._scoring = False
+        self.stopped = False
+        self.completed = 0  # frames whose output is acknowledged (scored + dead-lettered)
+        self.fatal: BaseException | None = None
+        self.hard_stop = threading.Event()
+        self.score_stage = ScoreStage(config, scorer, metrics, self.hard_stop)
+        self.output_stage = OutputStage(config, None, metrics, model, book, consumer)
+        self.deliverer = Deliverer(producer, producer_factory, metrics, self.hard_stop,
+                                   self.output_stage.refused_to_dead_letter, config.retry_backoff_s,
+                                   config.retry_backoff_max_s, config.flush_timeout_s)
+        self.output_stage.deliverer = self.deliverer
+        self._threads = [
+            threading.Thread(target=self._score_loop, name="hpad-score", daemon=True),
+            threading.Thread(target=self._output_loop, name="hpad-output", daemon=True),
+        ]
+
+    # ------------------------------------------------------------------------------ main-thread side
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def admit(self, record: ConsumerRecord, tp: TopicPartition, epoch: int) -> FrameItem:
+        """Cheap checks on the main thread; decoding goes to the pool at once."""
+        item = FrameItem(record=record, tp=tp, epoch=epoch, received=time.monotonic())
+        try:
+            value = c.check_payload_size(record.value, self.config.limits)
+            item.meta = c.parse_frame_headers(record.headers, record.key, self.config.default_category)
+            if self.provider.get(item.meta.category) is None:
+                raise FrameError("unknown_category", f"category {item.meta.category!r} is not served here "
+                                 f"(categories: {', '.join(self.provider.categories())})")
+            item.size = inspect_frame(item.meta, value, self.config.limits)
+            item.decoding = self.pool.submit(_timed_decode, item.meta, value, item.size)
+        except FrameError as exc:
+            item.fail(exc)
+        return item
+
+    def has_room(self) -> bool:
+        return not self.to_score.full()
+
+    def idle(self) -> bool:
+        """Nothing queued for or inside the scorer: a new batch would start at once."""
+        with self._cond:
+            return self.to_score.empty() and not self._scoring
+
+    def wait_room(self, timeout_s: float) -> None:
+        """Sleep until the scorer takes a batch (there is room to dispatch) or ``timeout_s`` passes."""
+        with self._cond:
+            if self.to_score.full() and self.fatal is None:
+                self._cond.wait(timeout_s)
+
+    def inflight(self) -> int:
+        with self._cond:
+            return self._inflight
+
+    def dispatch(self, items: list[FrameItem]) -> None:
+        with self._cond:
+            self._inflight += 1
+        self.to_score.put(Batch(items))
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Block until every dispatched batch is finished (or failed); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._inflight > 0 and self.fatal is None and not self.hard_stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.1))
+            return self._inflight == 0
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the threads (call `wait_idle` first; with ``hard_stop`` set, unfinished work is abandoned)."""
+        self.stopped = True
+        deadline = time.monotonic() + timeout_s
+        while self._threads[0].is_alive() and time.monotonic() < deadline:
+            try:
+                self.to_score.put(None, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        for thread in self._threads:
+            thread.join(timeout=max(0.1, deadline - time.monotonic()))
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------------------ threads
+    def _finish(self, batch: Batch, completed: int) -> None:
+        with self._cond:
+            self._inflight -= 1
+            self.completed += completed
+            self._cond.notify_all()
+
+    def _score_loop(self) -> None:
+        while (batch := self.to_score.get()) is not None:
+            with self._cond:
+                self._cond.notify_all()  # room for the next batch (see wait_room)
+            if self.fatal is not None:
+                self._finish(batch, 0)
+                continue
+            with self._cond:
+                self._scoring = True
+            try:
+                self.score_stage.run(batch, self.provider.snapshot(), self.book)
+            except BaseException as exc:  # recorded as fatal; the main loop stops and reports it
+                log.exception("scoring stage failed")
+                self._fail(exc)
+                self._finish(batch, 0)
+                continue
+            finally:
+                with self._cond:
+                    self._scoring = False
+            self.to_output.put(batch)
+        self.to_output.put(None)
+
+    def _output_loop(self) -> None:
+        while (batch := self.to_output.get()) is not None:
+            completed = 0
+            if self.fatal is None:
+                try:
+                    completed = self.output_stage.run(batch)
+                except BaseException as exc:  # recorded as fatal; the main loop stops and reports it
+                    if not isinstance(exc, OutputDeliveryError):
+                        log.exception("output stage failed")
+                    self._fail(exc)
+            self._finish(batch, completed)
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._cond:
+            if self.fatal is None:
+                self.fatal = exc
+            self._cond.notify_all()
+        self.hard_stop.set()
+
+
+class ScoreStage:
+    """Waits for a batch's decodes, then scores it per category with one prompt snapshot."""
+
+    def __init__(self, config: PipelineConfig, scorer: Scorer, metrics: WorkerMetrics, stop: threading.Event) -> None:
+        self.config, self.scorer, self.metrics, self.stop = config, scorer, metrics, stop
+
+    def run(self, batch: Batch, snapshot: PromptSnapshot, book: OffsetBook) -> None:
+        groups: dict[str, list[FrameItem]] = defaultdict(list)
+        for item in batch.items:
+            self._collect(item)
+            if item.error is None and book.is_current(item.tp, item.epoch):
+                assert item.meta is not None
+                groups[item.meta.category].append(item)
+        scored = sum(len(items) for items in groups.values())
+        if scored:
+            self.metrics.batch_size.observe(scored)
+        for category, items in groups.items():
+            prompts = snapshot.get(category)
+            if prompts is None:
+                for item in items:
+                    item.fail(FrameError("unknown_category", f"category {category!r} has no prompt set"))
+                continue
+            start = time.perf_counter()
+            for item in items:
+                item.infer_start = time.monotonic()
+                self.metrics.stage.labels(stage="queue").observe(item.infer_start - item.received)
+            self.score(items, prompts)
+            self.metrics.stage.labels(stage="infer").observe(time.perf_counter() - start)
+
+    def _collect(self, item: FrameItem) -> None:
+        if item.decoding is None:
+            return
+        try:
+            item.pixels, item.decode_s = item.decoding.result()
+        except FrameError as exc:
+            item.fail(exc)
+        item.decoding = None
+        self.metrics.stage.labels(stage="decode").observe(item.decode_s)
+
+    def score(self, items: list[FrameItem], prompts: PromptSet, attempt: int = 0) -> None:
+        """Score ``items`` with ``prompts``; halve on out-of-memory; isolate frames the scorer refuses."""
+        start = time.perf_counter()
+        try:
+            result = self.scorer.score([item.pixels for item in items], prompts)
+        except FrameError as exc:
+            self._refused(items, prompts, exc)
+            return
+        except (RuntimeError, MemoryError) as exc:
+            if not (isinstance(exc, MemoryError) or is_out_of_memory(exc)):
+                raise
+            self._out_of_memory(items, prompts, attempt, exc)
+            return
+        elapsed = time.perf_counter() - start
+        for item, score, amap in zip(items, result.pred_score, result.anomaly_map, strict=True):
+            item.scored = ev.Scored(score=float(score), threshold=prompts.threshold,
+                                    pixel_threshold=prompts.pixel_threshold, prompt_version=prompts.version,
+                                    prompt_source=prompts.source, prompt_sha256=prompts.sha256)
+            item.anomaly_map, item.infer_s, item.pixels = amap, elapsed, None
+
+    def _refused(self, items: list[FrameItem], prompts: PromptSet, exc: FrameError) -> None:
+        if len(items) == 1:
+            items[0].fail(FrameError("bad_image", str(exc)))
+            return
+        half = len(items) // 2
+        self.score(items[:half], prompts)
+        self.score(items[half:], prompts)
+
+    def _out_of_memory(self, items: list[FrameItem], prompts: PromptSet, attempt: int, exc: BaseException) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(items) > 1:
+            self.metrics.retries.labels(kind="oom_split").inc()
+            log.warning("out of memory scoring %d frames; splitting the batch (%s)", len(items), exc)
+            half = len(items) // 2
+            self.score(items[:half], prompts)
+            self.score(items[half:], prompts)
+            return
+        if attempt >= self.config.oom_retries:
+            items[0].fail(FrameError("out_of_memory", f"scoring ran out of memory {attempt + 1} times: {exc}"))
+            return
+        self.metrics.retries.labels(kind="oom_retry").inc()
+        delay = min(self.config.retry_backoff_max_s, self.config.retry_backoff_s * 2**attempt)
+        log.warning("out of memory scoring one frame; retry %d in %.1f s", attempt + 1, delay)
+        self.stop.wait(delay)
+        self.score(items, prompts, attempt + 1)
+
+
+class OutputStage:
+    """Builds, sends, flushes and checks the outputs of one batch; marks frames done when acknowledged."""
+
+    def __init__(self, config: PipelineConfig, deliverer: Deliverer | None, metrics: WorkerMetrics,
+                 model: ev.ModelInfo, book: OffsetBook, consumer: KafkaConsumer | None = None,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.config, self.deliverer, self.metrics, self.model = config, deliverer, metrics, model
+        self.book, self.consumer, self.clock = book, consumer, clock
+
+    # ------------------------------------------------------------------------------ records
+    def event_record(self, item: FrameItem) -> Output:
+        meta, scored = item.meta, item.scored
+        assert meta is not None and scored is not None and item.size is not None
+        now = time.monotonic()
+        anomalous = scored.score >= scored.threshold
+        policy = self.config.mask_policy
+        wants_mask = policy == "always" or (policy == "anomalous" and anomalous)
+        mask = ev.mask_field(item.anomaly_map, scored.pixel_threshold) if wants_mask else None
+        timings = ev.Timings(queue=1000 * (item.infer_start - item.received), decode=1000 * item.decode_s,
+                             infer=1000 * item.infer_s, total=1000 * (now - item.received))
+        event = ev.build_event(meta, scored, self.model, timings, self.clock(), item.source, item.size, mask)
+        value = ev.encode_event(event)
+        item.anomaly_map = None
+        key = meta.camera_id.encode("utf-8")
+        if len(value) + len(key) + 512 > self.config.max_request_size:
+            return self.dead_letter(item, "event_too_large", f"event is {len(value)} bytes (mask included), over "
+                                    f"the producer's max_request_size {self.config.max_request_size}")
+        return Output(item, self.config.events_topic, key, value, [("content-type", b"application/json")])
+
+    def dead_letter(self, item: FrameItem, reason: str, message: str) -> Output:
+        record = item.record
+        value = record.value or b""
+        truncated = len(value) + len(record.key or b"") + DLQ_HEADROOM > self.config.max_request_size
+        headers = ev.dead_letter_headers(record.headers, reason, message, item.source, record.timestamp,
+                                         self.clock(), self.config.worker_name, value_truncated=truncated)
+        return Output(item, self.config.dlq_topic, record.key, b"" if truncated else value, headers, reason=reason)
+
+    def build(self, batch: Batch) -> list[Output]:
+        outs = []
+        for item in batch.items:
+            if not self.book.is_current(item.tp, item.epoch):
+                self.metrics.frames.labels(outcome="abandoned").inc()
+                continue
+            if item.error is not None:
+                outs.append(self.dead_letter(item, item.error.reason, str(item.error)))
+            else:
+                outs.append(self.event_record(item))
+        return outs
+
+    # ------------------------------------------------------------------------------ delivery
+    def run(self, batch: Batch) -> int:
+        """Deliver every output of ``batch``; returns how many frames were completed (0 when stopping)."""
+        start = time.perf_counter()
+        outs = self.build(batch)
+        self.metrics.stage.labels(stage="encode").observe(time.perf_counter() - start)
+        start = time.perf_counter()
+        if self.config.exactly_once:
+            delivered = self._deliver_transaction(outs)
+        else:
+            delivered = self.deliverer.deliver(outs)
+            if delivered:
+                for out in outs:
+                    self.book.done(out.item.tp, out.item.record.offset, out.item.epoch)
+        if not delivered:
+            return 0  # stopping: nothing of this batch is marked done, so nothing of it is committed
+        self.metrics.stage.labels(stage="produce").observe(time.perf_counter() - start)
+        self._account(outs)
+        return len(outs)
+
+    def _deliver_transaction(self, outs: list[Output]) -> bool:
+        """Outputs and the batch's offsets in one transaction. The output thread handles batches in order, so
+        once this batch is marked done the committable offsets of its partitions are exactly its end."""
+        assert self.consumer is not None
+        for out in outs:
+            self.book.done(out.item.tp, out.item.record.offset, out.item.epoch)
+        tps = {out.item.tp for out in outs}
+        offsets = {tp: OffsetAndMetadata(o, "", -1) for tp, o in self.book.committable().items() if tp in tps}
+        if not self.deliverer.deliver_transaction(outs, offsets, self.consumer.group_metadata):
+            return False
+        self.book.mark_committed({tp: o.offset for tp, o in offsets.items()})
+        return True
+
+    def refused_to_dead_letter(self, out: Output, error: BaseException) -> Output:
+        reason = "event_too_large" if "TooLarge" in type(error).__name__ else "event_rejected"
+        return self.dead_letter(out.item, reason, f"the broker refused the event: {error}")
+
+    # ------------------------------------------------------------------------------ metrics
+    def _account(self, outs: list[Output]) -> None:
+        now = datetime.now(UTC)
+        for out in outs:
+            item = out.item
+            if out.reason is not None:
+                self.metrics.frames.labels(outcome="dead_lettered").inc()
+                self.metrics.dead_letters.labels(reason=out.reason).inc()
+                continue
+            self.metrics.frames.labels(outcome="scored").inc()
+            assert item.meta is not None and item.scored is not None
+            if item.scored.score >= item.scored.threshold:
+                self.metrics.anomalies.labels(category=item.meta.category).inc()
+            if item.meta.captured_at is not None:
+                self.metrics.latency.observe(max(0.0, (now - item.meta.captured_at).total_seconds()))

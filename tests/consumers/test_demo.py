@@ -1,0 +1,48 @@
+"""The demo's building blocks (the full demo runs with `make demo`): stand-in images, poison frames, live line."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from consumers import contract as c
+from consumers.camera import find_images
+from consumers.decode import inspect_frame
+from consumers.demo import ManagedProcess, Stats, generated_images, poison_frames
+from hpad.errors import FrameError
+
+
+def test_generated_images_are_found_by_the_camera(tmp_path):
+    folder = generated_images(tmp_path / "images", count=5, size=64)
+    assert len(find_images(folder)) == 5
+
+
+def test_poison_frames_are_refused_for_their_reason():
+    for label, value, headers in poison_frames():
+        with pytest.raises(FrameError) as info:
+            c.check_payload_size(value, c.Limits())
+            meta = c.parse_frame_headers(headers, b"cam-poison")
+            if meta.category != "bottle":
+                raise FrameError("unknown_category", meta.category)
+            inspect_frame(meta, value, c.Limits())
+        assert info.value.reason == label
+
+
+def test_live_line_says_random_weights_and_latency():
+    stats = Stats()
+    now = datetime.now(UTC)
+    event = {"is_anomaly": True, "random_weights": True, "model": "hpad-small", "weights": "random-init",
+             "precision": "fp32", "device": "cpu", "captured_at": (now - timedelta(milliseconds=40)).isoformat()}
+    stats.add_event(event, now)
+    stats.add_dead("undecodable")
+    line = stats.line()
+    assert "RANDOM WEIGHTS" in line and "dead letters 1" in line and "anomalies 1" in line and "40/40 ms" in line
+
+
+def test_managed_process_stops_what_it_started(tmp_path):
+    import sys
+
+    process = ManagedProcess("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"]).start()
+    assert process.alive()
+    assert process.stop(timeout_s=5) == -15 and not process.alive()
