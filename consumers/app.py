@@ -15,10 +15,18 @@ from collections.abc import Sequence
 import torch
 from kafka.errors import KafkaError
 
+from consumers import kafka_io
 from consumers.events import ModelInfo
 from consumers.metrics import Health, MetricsServer, WorkerMetrics
-from consumers.prompt_provider import StaticPromptProvider
-from consumers.settings import WorkerSettings, add_cli_flags, cli_overrides, load_settings
+from consumers.prompt_provider import KafkaPromptProvider, PromptProvider, StaticPromptProvider
+from consumers.settings import (
+    ModelSettings,
+    WorkerSettings,
+    add_cli_flags,
+    cli_overrides,
+    load_settings,
+    prompts_consumer_kwargs,
+)
 from consumers.worker import Worker
 from hpad.attention import LAAConfig
 from hpad.backbone import WeightsSpec, load_backbone
@@ -27,7 +35,7 @@ from hpad.scorer import Scorer, ScorerConfig
 log = logging.getLogger("hpad.serve")
 
 
-def build_scorer(settings: WorkerSettings) -> Scorer:
+def build_scorer(settings: ModelSettings, max_batch: int = 8) -> Scorer:
     """The model named by the settings, wrapped in a Scorer with the settings' LAA, sigma and batch size."""
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
@@ -38,7 +46,7 @@ def build_scorer(settings: WorkerSettings) -> Scorer:
     )
     backbone = load_backbone(spec, device=settings.device, precision=settings.precision)
     laa = LAAConfig(enabled=settings.laa, layers=settings.laa_layers, radius=settings.laa_radius)
-    return Scorer(backbone, config=ScorerConfig(laa=laa, sigma=settings.sigma, max_batch=settings.max_batch_size))
+    return Scorer(backbone, config=ScorerConfig(laa=laa, sigma=settings.sigma, max_batch=max_batch))
 
 
 def model_info(scorer: Scorer, precision: str) -> ModelInfo:
@@ -49,9 +57,19 @@ def model_info(scorer: Scorer, precision: str) -> ModelInfo:
 
 def build_worker(settings: WorkerSettings, metrics: WorkerMetrics | None = None,
                  health: Health | None = None) -> Worker:
-    scorer = build_scorer(settings)
-    provider = StaticPromptProvider.build(scorer, settings.categories, settings.prompt_dir)
-    return Worker(settings, scorer, provider, model_info(scorer, settings.precision), metrics, health)
+    scorer = build_scorer(settings, settings.max_batch_size)
+    metrics = metrics or WorkerMetrics()
+    return Worker(settings, scorer, build_provider(settings, scorer, metrics), model_info(scorer, settings.precision),
+                  metrics, health)
+
+
+def build_provider(settings: WorkerSettings, scorer: Scorer, metrics: WorkerMetrics) -> PromptProvider:
+    """Start sets (zero-shot or HPAD_PROMPT_DIR), following HPAD_PROMPTS_TOPIC unless it is off."""
+    static = StaticPromptProvider.build(scorer, settings.categories, settings.prompt_dir)
+    if settings.prompts_topic is None:
+        return static
+    return KafkaPromptProvider(scorer, static.snapshot(), settings.prompts_topic,
+                               lambda: kafka_io.make_consumer(prompts_consumer_kwargs(settings)), metrics)
 
 
 def parse_args(argv: Sequence[str]) -> tuple[WorkerSettings, argparse.Namespace]:

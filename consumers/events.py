@@ -85,6 +85,7 @@ def build_event(
     source: tuple[str, int, int],
     size: tuple[int, int],
     mask: dict[str, Any] | None,
+    batch_id: str = "",
 ) -> dict[str, Any]:
     """One event per frame. ``source`` = (topic, partition, offset); ``size`` = (width, height)."""
     score = float(scored.score)
@@ -109,6 +110,7 @@ def build_event(
         "height": int(size[1]),
         "captured_at": c.rfc3339(meta.captured_at) if meta.captured_at else None,
         "scored_at": c.rfc3339(scored_at),
+        "batch_id": batch_id,
         "timings_ms": timings.as_dict(),
         "source": {"topic": source[0], "partition": int(source[1]), "offset": int(source[2])},
         "mask": mask,

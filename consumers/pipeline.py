@@ -39,6 +39,7 @@ from consumers import events as ev
 from consumers.decode import decode_frame, inspect_frame
 from consumers.delivery import Deliverer, Output, OutputDeliveryError
 from consumers.metrics import WorkerMetrics
+from consumers.normals import NormalsSampler
 from consumers.offsets import OffsetBook
 from consumers.prompt_provider import PromptProvider, PromptSnapshot
 from hpad.errors import FrameError
@@ -67,6 +68,7 @@ class FrameItem:
     infer_s: float = 0.0
     scored: ev.Scored | None = None
     anomaly_map: np.ndarray | None = None
+    batch_id: str = ""
 
     def fail(self, error: FrameError) -> None:
         self.error, self.pixels, self.anomaly_map = error, None, None
@@ -79,6 +81,7 @@ class FrameItem:
 @dataclass(eq=False)
 class Batch:
     items: list[FrameItem]
+    seq: int = 0
     created: float = field(default_factory=time.monotonic)
 
 
@@ -122,7 +125,8 @@ class Pipeline:
 
     def __init__(self, config: PipelineConfig, scorer: Scorer, provider: PromptProvider, book: OffsetBook,
                  producer: KafkaProducer, producer_factory: Callable[[], KafkaProducer], metrics: WorkerMetrics,
-                 model: ev.ModelInfo, consumer: KafkaConsumer | None = None) -> None:
+                 model: ev.ModelInfo, consumer: KafkaConsumer | None = None,
+                 sampler: NormalsSampler | None = None) -> None:
         self.config = config
         self.provider = provider
         self.book = book
@@ -132,13 +136,14 @@ class Pipeline:
         self.to_output: queue.Queue[Batch | None] = queue.Queue(maxsize=config.pipeline_depth)
         self._cond = threading.Condition()
         self._inflight = 0
+        self._dispatched = 0
         self._scoring = False
         self.stopped = False
         self.completed = 0  # frames whose output is acknowledged (scored + dead-lettered)
         self.fatal: BaseException | None = None
         self.hard_stop = threading.Event()
         self.score_stage = ScoreStage(config, scorer, metrics, self.hard_stop)
-        self.output_stage = OutputStage(config, None, metrics, model, book, consumer)
+        self.output_stage = OutputStage(config, None, metrics, model, book, consumer, sampler=sampler)
         self.deliverer = Deliverer(producer, producer_factory, metrics, self.hard_stop,
                                    self.output_stage.refused_to_dead_letter, config.retry_backoff_s,
                                    config.retry_backoff_max_s, config.flush_timeout_s)
@@ -189,7 +194,9 @@ class Pipeline:
     def dispatch(self, items: list[FrameItem]) -> None:
         with self._cond:
             self._inflight += 1
-        self.to_score.put(Batch(items))
+            self._dispatched += 1
+            seq = self._dispatched
+        self.to_score.put(Batch(items, seq))
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Block until every dispatched batch is finished (or failed); False on timeout."""
@@ -273,7 +280,9 @@ class ScoreStage:
 
     def run(self, batch: Batch, snapshot: PromptSnapshot, book: OffsetBook) -> None:
         groups: dict[str, list[FrameItem]] = defaultdict(list)
+        batch_id = f"{self.config.worker_name}#{batch.seq}"
         for item in batch.items:
+            item.batch_id = batch_id
             self._collect(item)
             if item.error is None and book.is_current(item.tp, item.epoch):
                 assert item.meta is not None
@@ -357,9 +366,10 @@ class OutputStage:
 
     def __init__(self, config: PipelineConfig, deliverer: Deliverer | None, metrics: WorkerMetrics,
                  model: ev.ModelInfo, book: OffsetBook, consumer: KafkaConsumer | None = None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 sampler: NormalsSampler | None = None) -> None:
         self.config, self.deliverer, self.metrics, self.model = config, deliverer, metrics, model
-        self.book, self.consumer, self.clock = book, consumer, clock
+        self.book, self.consumer, self.clock, self.sampler = book, consumer, clock, sampler
 
     # ------------------------------------------------------------------------------ records
     def event_record(self, item: FrameItem) -> Output:
@@ -372,7 +382,8 @@ class OutputStage:
         mask = ev.mask_field(item.anomaly_map, scored.pixel_threshold) if wants_mask else None
         timings = ev.Timings(queue=1000 * (item.infer_start - item.received), decode=1000 * item.decode_s,
                              infer=1000 * item.infer_s, total=1000 * (now - item.received))
-        event = ev.build_event(meta, scored, self.model, timings, self.clock(), item.source, item.size, mask)
+        event = ev.build_event(meta, scored, self.model, timings, self.clock(), item.source, item.size, mask,
+                               item.batch_id)
         value = ev.encode_event(event)
         item.anomaly_map = None
         key = meta.camera_id.encode("utf-8")
@@ -453,3 +464,7 @@ class OutputStage:
                 self.metrics.anomalies.labels(category=item.meta.category).inc()
             if item.meta.captured_at is not None:
                 self.metrics.latency.observe(max(0.0, (now - item.meta.captured_at).total_seconds()))
+            if self.sampler is not None:
+                record = item.record
+                self.sampler.offer(item.meta.category, item.scored.score, item.scored.threshold,
+                                   item.scored.prompt_version, record.key, record.value, record.headers)

@@ -34,7 +34,7 @@ Compression = Literal["none", "gzip"]
 DEFAULT_MODEL = "ViT-B-16-plus-240"
 
 
-def _split_csv(value: object) -> object:
+def split_csv(value: object) -> object:
     """``"bottle, widget"`` -> ``["bottle", "widget"]`` (lists pass through)."""
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
@@ -195,7 +195,7 @@ class WorkerSettings(ModelSettings):
     lag_interval_ms: int = Field(2000, ge=100, description="how often consumer lag is computed")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
-    _split_categories = field_validator("categories", mode="before")(_split_csv)
+    _split_categories = field_validator("categories", mode="before")(split_csv)
 
     @field_validator("prompts_topic", "normals_topic", mode="before")
     @classmethod
@@ -309,6 +309,19 @@ def consumer_kwargs(s: WorkerSettings) -> dict[str, Any]:
         "fetch_max_wait_ms": s.fetch_max_wait_ms,
         "fetch_max_bytes": max(52428800, s.max_partition_fetch_bytes),
         "isolation_level": "read_committed" if s.exactly_once else "read_uncommitted",
+    }
+
+
+def prompts_consumer_kwargs(s: KafkaSettings) -> dict[str, Any]:
+    """A group-less consumer that reads the prompt registry topic from the beginning (artifacts <= 64 MiB)."""
+    return {
+        **connection_kwargs(s),
+        "client_id": f"{s.client_id}-prompts",
+        "group_id": None,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "max_partition_fetch_bytes": 80 * MiB,
+        "fetch_max_bytes": 80 * MiB,
     }
 
 

@@ -38,6 +38,7 @@ from consumers import kafka_io
 from consumers.contract import Limits
 from consumers.events import ModelInfo
 from consumers.metrics import Health, WorkerMetrics
+from consumers.normals import NormalsSampler
 from consumers.offsets import OffsetBook, partition_lag
 from consumers.pipeline import FrameItem, Pipeline, PipelineConfig
 from consumers.prompt_provider import PromptProvider
@@ -108,6 +109,7 @@ class Worker:
         self.consumer: KafkaConsumer | None = None
         self.producer: KafkaProducer | None = None
         self.pipeline: Pipeline | None = None
+        self.sampler: NormalsSampler | None = None
         self._rewind: dict[TopicPartition, int] = {}
         self._rewind_lock = threading.Lock()
         self._group_committed: dict[TopicPartition, int | None] = {}
@@ -133,6 +135,8 @@ class Worker:
             install_signals = threading.current_thread() is threading.main_thread()
         previous = self._install_signals() if install_signals else {}
         try:
+            self.provider.start(wait_s=self.settings.request_timeout_ms / 1000)  # newest prompt versions first
+            self._publish_static_metrics()
             if not self._connect():
                 return RunResult(0, self.stop_reason, 0, True)
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -141,6 +145,7 @@ class Worker:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            self.provider.close()
             if self.pipeline is not None and not self.pipeline.stopped:
                 self.pipeline.hard_stop.set()
                 self.pipeline.stop(timeout_s=5)
@@ -191,8 +196,13 @@ class Worker:
         if self.consumer is None:
             return False
         self.consumer.subscribe([s.input_topic], listener=_Rebalance(self))
-        self.pipeline = Pipeline(pipeline_config(s, self.name), self.scorer, self.provider, self.book, self.producer, new_producer,
-                                 self.metrics, self.model, self.consumer)
+        self.sampler = None
+        if s.normals_topic is not None and s.normals_per_minute > 0:
+            self.sampler = NormalsSampler(
+                s.normals_topic, s.normals_margin, s.normals_per_minute,
+                lambda: kafka_io.make_producer({**producer_kwargs(s), "max_block_ms": 2000}), self.metrics, self.name)
+        self.pipeline = Pipeline(pipeline_config(s, self.name), self.scorer, self.provider, self.book, self.producer,
+                                 new_producer, self.metrics, self.model, self.consumer, self.sampler)
         self.pipeline.start()
         log.info("worker %s consuming %s as group %s (model %s, weights %s)", self.name, s.input_topic,
                  s.group_id, self.model.identity, "RANDOM" if self.model.random_weights else self.model.weights)
@@ -224,6 +234,8 @@ class Worker:
                 self.consumer.close(autocommit=False)
             except KafkaError as exc:
                 log.warning("consumer close: %s", exc)
+        if self.sampler is not None:
+            self.sampler.close()
         if self.pipeline is not None:  # the pipeline may have replaced the producer
             self.pipeline.deliverer.close(self.settings.request_timeout_ms / 1000)
         elif self.producer is not None:

@@ -212,13 +212,16 @@ def read_artifact(
         raise ArtifactError("artifact checksum does not match its content: the file was corrupted or tampered with")
     identity = manifest["model_identity"]
     if expected_identity is not None and identity != expected_identity:
-        raise ArtifactError(f"artifact was made for {identity}, but this scorer runs {expected_identity}")
+        raise ArtifactError(f"artifact was made for {identity}, but this scorer runs {expected_identity}",
+                            reason="wrong_model")
     if expected_category is not None and manifest["category"] != expected_category:
-        raise ArtifactError(f"artifact is for category {manifest['category']!r}, expected {expected_category!r}")
+        raise ArtifactError(f"artifact is for category {manifest['category']!r}, expected {expected_category!r}",
+                            reason="wrong_category")
     laa = LAAConfig(**manifest["laa"]) if manifest.get("laa") else None
     if expected_laa is not None and laa is not None and laa != expected_laa:
         raise ArtifactError(
-            f"artifact was learned with LAA {laa.describe()}, but the scorer runs {expected_laa.describe()}"
+            f"artifact was learned with LAA {laa.describe()}, but the scorer runs {expected_laa.describe()}",
+            reason="wrong_laa",
         )
     memory = tensors.get("memory")
     prompts = PromptSet(

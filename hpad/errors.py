@@ -23,7 +23,15 @@ class DataLayoutError(HpadError):
 
 
 class ArtifactError(HpadError):
-    """A prompt artifact is corrupt, tampered with, or does not match the model that loads it."""
+    """A prompt artifact is corrupt, tampered with, or does not match the model that loads it.
+
+    ``reason``: ``invalid`` (unreadable, corrupt, tampered, out of limits), ``wrong_model``, ``wrong_laa``,
+    ``wrong_category`` - a stable code for metrics.
+    """
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class FrameError(HpadError):

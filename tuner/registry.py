@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from hpad.artifact import PromptArtifact, read_artifact, with_version
+from hpad.attention import LAAConfig
 from hpad.errors import ArtifactError, HpadError
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class RegistryRecord:
     artifact: PromptArtifact | None
     error: str | None
     value: bytes
+    reason: str | None = None  # ArtifactError.reason when verification failed
 
 
 def record_headers(artifact: PromptArtifact) -> list[tuple[str, bytes]]:
@@ -56,7 +58,7 @@ def record_headers(artifact: PromptArtifact) -> list[tuple[str, bytes]]:
     ]
 
 
-def parse_record(record, expected_identity: str | None = None) -> RegistryRecord:
+def parse_record(record, expected_identity: str | None = None, expected_laa: LAAConfig | None = None) -> RegistryRecord:
     """A consumed prompts-topic record -> RegistryRecord (verification failures are kept, not raised)."""
     category = record.key.decode("utf-8", "replace") if record.key else ""
     headers = {k: v for k, v in (record.headers or [])}
@@ -64,19 +66,19 @@ def parse_record(record, expected_identity: str | None = None) -> RegistryRecord
         header_version = int(headers.get(VERSION_HEADER, b"-1"))
     except ValueError:
         header_version = -1
-    artifact, error = None, None
+    artifact, error, reason = None, None, None
     try:
-        artifact = read_artifact(record.value or b"", expected_identity=expected_identity,
+        artifact = read_artifact(record.value or b"", expected_identity=expected_identity, expected_laa=expected_laa,
                                  expected_category=category or None)
         if header_version not in (-1, artifact.version):
             raise ArtifactError(f"header version {header_version} != manifest version {artifact.version}")
         if headers.get(SHA_HEADER) not in (None, artifact.sha256.encode()):
             raise ArtifactError("header sha256 does not match the artifact's checksum")
     except ArtifactError as exc:
-        artifact, error = None, str(exc)
+        artifact, error, reason = None, str(exc), exc.reason
     version = artifact.version if artifact is not None else header_version
     return RegistryRecord(category, version, record.partition, record.offset, record.timestamp,
-                          artifact, error, record.value or b"")
+                          artifact, error, record.value or b"", reason)
 
 
 def read_topic(consumer: KafkaConsumer, topic: str, idle_ms: int = 500, timeout_s: float = 30.0) -> list:
@@ -108,17 +110,18 @@ class PromptRegistry:
 
     def __init__(self, topic: str, consumer_factory: Callable[[], KafkaConsumer],
                  producer_factory: Callable[[], KafkaProducer], expected_identity: str | None = None,
-                 send_timeout_s: float = 30.0) -> None:
+                 send_timeout_s: float = 30.0, expected_laa: LAAConfig | None = None) -> None:
         self.topic = topic
         self._consumer_factory = consumer_factory
         self._producer_factory = producer_factory
         self.expected_identity = expected_identity
+        self.expected_laa = expected_laa
         self.send_timeout_s = send_timeout_s
 
     def records(self) -> list[RegistryRecord]:
         consumer = self._consumer_factory()
         try:
-            return [parse_record(r, self.expected_identity) for r in read_topic(consumer, self.topic)]
+            return [parse_record(r, self.expected_identity, self.expected_laa) for r in read_topic(consumer, self.topic)]
         finally:
             consumer.close()
 

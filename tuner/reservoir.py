@@ -12,6 +12,7 @@ read-only volume) raises `ReservoirWriteError`; the reservoir stays consistent a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -145,7 +146,8 @@ class Reservoir:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the cleanup can fail for the same reason (no directory, EIO)
+                tmp.unlink(missing_ok=True)
             raise ReservoirWriteError(f"cannot write reservoir sample {path}: {exc.strerror or exc}") from exc
         self._next_seq[category] = seq + 1
         ref = SampleRef(category, pool, seq, safe_id, path)
