@@ -1,13 +1,16 @@
 """``make demo`` / ``python -m consumers.demo``: the whole streaming service on one machine.
 
 Starts the embedded broker on 127.0.0.1, creates the topics, starts a scoring worker (``hpad serve``,
-random-init weights unless ``--pretrained`` / ``--checkpoint`` is given) and a camera (``hpad camera``)
-streaming the MVTec bottle test images (``../shared/data/mvtec/bottle/test`` next to the repository;
-generated images when absent), injects a few poison frames to show the dead-letter topic, prints a live line
-every second and a summary at the end (after ``--frames`` frames, or Ctrl-C).
+random-init weights unless ``--pretrained`` / ``--checkpoint`` is given), the prompt tuner (``hpad tune``)
+and a camera (``hpad camera``) streaming the MVTec bottle test images (``../shared/data/mvtec/bottle/test``
+next to the repository; generated images when absent). Like an operator, it publishes a few verified normal
+frames (the dataset's ``train/good`` images) to the normals topic; the worker adds its own confident-normal
+samples. The tuner learns a prompt version from them and publishes it; the running worker swaps it in, and
+the demo prints the moment the events' ``prompt_version`` changes. A few poison frames show the dead-letter
+topic. A live line every second, a summary at the end (after ``--frames`` frames and the first swap, or
+``--swap-wait`` seconds, or Ctrl-C).
 
-Every service is a `ManagedProcess` in `Demo.processes`; another one (e.g. the prompt tuner) is added by
-appending to that list in `Demo.plan`.
+Every service is a `ManagedProcess` in `Demo.processes` (see `Demo.plan`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from consumers.camera import frame_headers
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "mvtec" / "bottle" / "test"
-TOPICS = {"frames": "hpad.frames", "events": "hpad.events", "dlq": "hpad.frames.dlq"}
+TOPICS = {"frames": "hpad.frames", "events": "hpad.events", "dlq": "hpad.frames.dlq", "normals": "hpad.normals",
+          "prompts": "hpad.prompts"}
 
 
 @dataclass
@@ -134,12 +138,18 @@ class Stats:
     random_weights: bool | None = None
     model: str = ""
     first: float | None = None  # monotonic time of the first output
+    versions: Counter = field(default_factory=Counter)  # prompt_version -> events
+    swaps: list = field(default_factory=list)  # (seconds since start, old version, new version, events so far)
 
     @property
     def done(self) -> int:
         return self.events + sum(self.dead.values())
 
     def add_event(self, event: dict, now: datetime) -> None:
+        version = int(event["prompt_version"])
+        if self.versions and version > max(self.versions):
+            self.swaps.append((time.monotonic() - self.started, max(self.versions), version, self.events))
+        self.versions[version] += 1
         self.events += 1
         self.anomalies += int(event["is_anomaly"])
         self.random_weights = event["random_weights"]
@@ -174,9 +184,10 @@ class Stats:
         p50, p99 = self.percentile(0.50), self.percentile(0.99)
         latency = "-" if p50 is None else f"{p50:.0f}/{p99:.0f} ms"
         flag = " | RANDOM WEIGHTS" if self.random_weights else ""
+        version = f"v{max(self.versions)}" if self.versions else "-"
         return (f"[{time.monotonic() - self.started:6.1f}s] {self.rate():5.1f} frames/s | scored {self.events} | "
                 f"anomalies {self.anomalies} | latency p50/p99 {latency} | dead letters {sum(self.dead.values())}"
-                f"{flag}")
+                f" | prompts {version}{flag}")
 
 
 class Demo:
@@ -185,8 +196,10 @@ class Demo:
         self.processes: list[ManagedProcess] = []
         self.workdir = Path(tempfile.mkdtemp(prefix="hpad-demo-"))
         self.metrics_port = ns.metrics_port or free_port()
+        self.tuner_port = free_port()
         self.stats = Stats(random_weights=not (ns.pretrained or ns.checkpoint))
         self._injected = False
+        self._tuner_reported = False
 
     def data_dir(self) -> Path:
         if self.ns.data.is_dir() and any(self.ns.data.rglob("*.png")):
@@ -203,6 +216,8 @@ class Demo:
             "HPAD_CATEGORIES": ns.category, "HPAD_MODEL": ns.model, "HPAD_PRECISION": ns.precision,
             "HPAD_MAX_BATCH_SIZE": str(ns.batch_size), "HPAD_METRICS_PORT": str(self.metrics_port),
             "HPAD_METRICS_HOST": "127.0.0.1", "HPAD_SESSION_TIMEOUT_MS": "6000", "HPAD_HEARTBEAT_INTERVAL_MS": "1000",
+            "HPAD_PROMPTS_TOPIC": TOPICS["prompts"], "HPAD_NORMALS_TOPIC": TOPICS["normals"],
+            "HPAD_NORMALS_PER_MINUTE": "30",
         }
         if ns.checkpoint:
             env["HPAD_CHECKPOINT"] = str(ns.checkpoint)
@@ -213,25 +228,64 @@ class Demo:
             env["HPAD_RANDOM_INIT"] = "true"
         return env
 
+    def tuner_env(self, broker: EmbeddedBroker) -> dict[str, str]:
+        """The worker's model settings plus a quick schedule: first run once 8 normals are in, then every 40."""
+        keep = ("HF_HUB_OFFLINE", "HPAD_BOOTSTRAP_SERVERS", "HPAD_CATEGORIES", "HPAD_MODEL", "HPAD_PRECISION",
+                "HPAD_CHECKPOINT", "HPAD_PRETRAINED", "HPAD_ALLOW_DOWNLOAD", "HPAD_RANDOM_INIT",
+                "HPAD_PROMPTS_TOPIC", "HPAD_NORMALS_TOPIC", "HPAD_SESSION_TIMEOUT_MS", "HPAD_HEARTBEAT_INTERVAL_MS")
+        env = {k: v for k, v in self.worker_env(broker).items() if k in keep}
+        env.update({
+            "HPAD_GROUP_ID": "hpad-demo-tuner", "HPAD_RESERVOIR_DIR": str(self.workdir / "reservoir"),
+            "HPAD_METRICS_PORT": str(self.tuner_port), "HPAD_METRICS_HOST": "127.0.0.1",
+            "HPAD_SHOTS": "4", "HPAD_MIN_NORMALS": "8", "HPAD_GATE_NORMALS": "4", "HPAD_GATE_ANOMALIES": "16",
+            "HPAD_EPOCHS": str(self.ns.tune_epochs), "HPAD_STEPS_PER_EPOCH": "4", "HPAD_BATCH_SIZE": "16",
+            "HPAD_INTERVAL_S": "0", "HPAD_NEW_SAMPLES": "40", "HPAD_MIN_GAP_S": "30", "HPAD_TORCH_THREADS": "1",
+        })
+        return env
+
+    def publish_verified(self, broker: EmbeddedBroker) -> int:
+        """What an operator does: publish known-good frames with ``verified=true`` to the normals topic."""
+        folder = self.ns.data.parent.parent / "train" / "good"
+        paths = sorted(folder.glob("*.png"))[: self.ns.verified] if folder.is_dir() else []
+        if not paths:
+            generated = generated_images(self.workdir / "verified", count=4 * self.ns.verified)
+            paths = [p for i, p in enumerate(sorted(generated.glob("*.png"))) if i % 4 != 3][: self.ns.verified]
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, max_request_size=32 * 1024 * 1024)
+        for i, path in enumerate(paths):
+            headers = [*frame_headers(f"verified-{i:03d}", "operator", self.ns.category, "image/png"),
+                       ("verified", b"true")]
+            producer.send(TOPICS["normals"], key=b"operator", value=path.read_bytes(), headers=headers)
+        producer.flush()
+        producer.close()
+        return len(paths)
+
     def plan(self, broker: EmbeddedBroker, data: Path) -> None:
         """The managed processes, in start order (append new services here)."""
         hpad = [sys.executable, "-m", "hpad.cli"]
         ready = f"http://127.0.0.1:{self.metrics_port}/readyz"
         self.processes.append(ManagedProcess("worker", [*hpad, "serve"], self.worker_env(broker),
                                              self.workdir / "worker.log", ready_url=ready))
-        camera = [*hpad, "camera", "--dir", str(data), "--rate", str(self.ns.rate), "--loop", "--frames",
-                  str(self.ns.frames), "--cameras", "3", "--category", self.ns.category,
+        if not self.ns.no_tuner:
+            self.processes.append(ManagedProcess("tuner", [*hpad, "tune"], self.tuner_env(broker),
+                                                 self.workdir / "tuner.log",
+                                                 ready_url=f"http://127.0.0.1:{self.tuner_port}/healthz"))
+        camera = [*hpad, "camera", "--dir", str(data), "--rate", str(self.ns.rate), "--loop", "--cameras", "3",
+                  "--category", self.ns.category,
                   "--bootstrap", broker.bootstrap, "--input-topic", TOPICS["frames"]]
         self.processes.append(ManagedProcess("camera", camera, {}, self.workdir / "camera.log", grace_s=5.0))
 
     def run(self) -> int:
         with EmbeddedBroker(log_path=self.workdir / "tansu.log") as broker:
-            for name, partitions in (("frames", 3), ("events", 3), ("dlq", 1)):
+            for name, partitions in (("frames", 3), ("events", 3), ("dlq", 1), ("normals", 1), ("prompts", 1)):
                 broker.create_topic(TOPICS[name], partitions)
             data = self.data_dir()
             self.plan(broker, data)
             print(f"broker {broker.bootstrap}; logs in {self.workdir}; frames from {data}")
-            print(f"metrics: http://127.0.0.1:{self.metrics_port}/metrics  (also /healthz, /readyz)")
+            print(f"worker metrics: http://127.0.0.1:{self.metrics_port}/metrics  (also /healthz, /readyz)")
+            if not self.ns.no_tuner:
+                print(f"tuner metrics:  http://127.0.0.1:{self.tuner_port}/metrics")
+                print(f"published {self.publish_verified(broker)} verified normal frames to {TOPICS['normals']} "
+                      f"(as an operator would)")
             try:
                 for process in self.processes:
                     print(f"starting {process.name}...", flush=True)
@@ -244,7 +298,8 @@ class Demo:
             finally:
                 codes = {p.name: p.stop() for p in reversed(self.processes)}
         self.summary(codes)
-        return 0 if codes.get("worker") in (0, None) else 1
+        ok = codes.get("worker") in (0, None) and codes.get("tuner") in (0, None)
+        return 0 if ok and (self.ns.no_tuner or self.stats.swaps) else 1
 
     def watch(self, broker: EmbeddedBroker) -> None:
         consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=50,
@@ -255,8 +310,9 @@ class Demo:
         poison = poison_frames()
         target = self.ns.frames + (0 if self.ns.no_poison else len(poison))
         next_line = time.monotonic() + 1.0
+        swap_deadline = time.monotonic() + self.ns.swap_wait
         try:
-            while self.stats.done < target:
+            while not self.finished(target, swap_deadline):
                 self.maybe_inject(broker, poison)
                 for tp, records in consumer.poll(timeout_ms=200).items():
                     for record in records:
@@ -264,6 +320,10 @@ class Demo:
                 if time.monotonic() >= next_line:
                     print(self.stats.line(), flush=True)
                     next_line += 1.0
+                tuner = next((p for p in self.processes if p.name == "tuner"), None)
+                if tuner is not None and not tuner.alive() and not self._tuner_reported:
+                    print(f"tuner exited with code {tuner.process.returncode}; see {tuner.log_path}")
+                    self._tuner_reported = True
                 worker = self.processes[0]
                 if not worker.alive():
                     print(f"worker exited with code {worker.process.returncode}; see {worker.log_path}")
@@ -271,6 +331,12 @@ class Demo:
         finally:
             consumer.close()
         print(self.stats.line())
+
+    def finished(self, target: int, swap_deadline: float) -> bool:
+        """``--frames`` outputs seen and, with the tuner, the first swap seen (or ``--swap-wait`` over)."""
+        if self.stats.done < target:
+            return False
+        return self.ns.no_tuner or bool(self.stats.swaps) or time.monotonic() >= swap_deadline
 
     def maybe_inject(self, broker: EmbeddedBroker, poison: list) -> None:
         """Poison frames once a third of the stream is through."""
@@ -286,7 +352,12 @@ class Demo:
 
     def record(self, topic: str, record) -> None:
         if topic == TOPICS["events"]:
+            swaps = len(self.stats.swaps)
             self.stats.add_event(json.loads(record.value), datetime.now(UTC))
+            if len(self.stats.swaps) > swaps:
+                at, old, new, count = self.stats.swaps[-1]
+                print(f">>> prompt swap on the live line after {at:.0f} s: events now carry prompt_version {new} "
+                      f"(was {old}) from event {count + 1} on; no frame was held back", flush=True)
         else:
             reason = dict(record.headers).get(c.ERROR_CLASS, b"?").decode()
             self.stats.add_dead(reason)
@@ -298,6 +369,11 @@ class Demo:
         print("\n=== hpad demo summary ===")
         print(f"model: {s.model or self.ns.model}{'  RANDOM WEIGHTS: scores carry no meaning' if s.random_weights else ''}")
         print(f"frames scored: {s.events}  anomalies: {s.anomalies}  dead letters: {dict(s.dead) or 0}")
+        versions = ", ".join(f"v{v}: {n}" for v, n in sorted(s.versions.items()))
+        if not self.ns.no_tuner:
+            swaps = "; ".join(f"v{old} -> v{new} after {at:.0f} s" for at, old, new, _ in s.swaps) or \
+                f"none within --swap-wait {self.ns.swap_wait:.0f} s (see {self.workdir / 'tuner.log'})"
+            print(f"prompt versions in events: {versions or '-'} (v0 = zero-shot); swaps: {swaps}")
         if latencies:
             print(f"end-to-end latency (camera capture -> event read): p50 {statistics.median(latencies):.0f} ms, "
                   f"p99 {s.percentile(0.99):.0f} ms")
@@ -324,6 +400,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--metrics-port", type=int, default=0, help="worker metrics port (0 = a free one)")
     parser.add_argument("--no-poison", action="store_true", help="do not inject poison frames")
+    parser.add_argument("--no-tuner", action="store_true", help="do not run the prompt tuner")
+    parser.add_argument("--verified", type=int, default=12, help="verified normal frames the operator publishes")
+    parser.add_argument("--tune-epochs", type=int, default=6, help="MPTS epochs of each tuning run")
+    parser.add_argument("--swap-wait", type=float, default=300.0,
+                        help="after --frames, keep streaming up to this many seconds for the first swap")
     return parser.parse_args(argv)
 
 
