@@ -2,7 +2,7 @@
 
 A frame is one Kafka record on the input topic: value = encoded image bytes (JPEG / PNG) or raw pixels,
 key = camera id, headers ``content-type``, ``camera_id``, ``frame_id``, ``captured_at``, ``category``
-(``consumers/CONTRACT.md`` and ``consumers/schemas/frame_headers.schema.json`` document them). This module
+(``README.md`` and ``consumers/schemas/frame_headers.schema.json`` document them). This module
 turns the headers into a `FrameMeta` or refuses them with a `FrameError` whose ``reason`` is one of
 `REASONS`; nothing here touches Kafka, so every rule is unit-tested without a broker.
 """

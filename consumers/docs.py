@@ -1,4 +1,4 @@
-"""Generated parts of ``consumers/CONTRACT.md``: settings, metrics and dead-letter reason tables.
+"""Generated parts of ``README.md``: settings, metrics and dead-letter reason tables.
 
 The tables sit between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->`` markers and are produced
 from the settings classes and the metrics registry, so the document cannot drift from the code (a test
@@ -13,15 +13,15 @@ from pathlib import Path
 
 from consumers.contract import REASONS
 from consumers.metrics import WorkerMetrics
-from consumers.settings import CameraSettings, KafkaSettings, WorkerSettings, settings_table
+from consumers.settings import CameraSettings, KafkaSettings, ModelSettings, WorkerSettings, settings_table
 
-CONTRACT = Path(__file__).resolve().parent / "CONTRACT.md"
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def metrics_table() -> str:
-    """| metric | type | labels | meaning | for every metric family of the worker."""
+def metrics_table(holder: object | None = None) -> str:
+    """| metric | type | labels | meaning | for every metric family of the worker (or ``holder``)."""
     lines = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
-    for name, kind, labels, text in WorkerMetrics().families():
+    for name, kind, labels, text in (holder or WorkerMetrics()).families():
         escaped = text.replace("|", "\\|")
         lines.append(f"| `{name}` | {kind} | {', '.join(labels) or '-'} | {escaped} |")
     return "\n".join(lines)
@@ -34,11 +34,18 @@ def reasons_table() -> str:
 
 
 def generated_blocks() -> dict[str, str]:
+    from tuner.metrics import TunerMetrics
+    from tuner.settings import TunerSettings
+
     camera_only = [n for n in CameraSettings.model_fields if n not in KafkaSettings.model_fields or n == "client_id"]
+    shared = set(ModelSettings.model_fields)
+    tuner_only = [n for n in TunerSettings.model_fields if n not in shared or n == "client_id"]
     return {
         "worker-settings": settings_table(WorkerSettings),
         "camera-settings": settings_table(CameraSettings, fields=camera_only),
+        "tuner-settings": settings_table(TunerSettings, fields=tuner_only),
         "metrics": metrics_table(),
+        "tuner-metrics": metrics_table(TunerMetrics()),
         "reasons": reasons_table(),
     }
 
@@ -48,7 +55,7 @@ def block(text: str, name: str) -> str | None:
     return None if match is None else match.group(1).rstrip("\n")
 
 
-def sync(path: Path = CONTRACT) -> bool:
+def sync(path: Path = README) -> bool:
     """Rewrite the generated blocks of ``path``; True when something changed."""
     text = path.read_text()
     new = text
@@ -63,5 +70,5 @@ def sync(path: Path = CONTRACT) -> bool:
 
 
 if __name__ == "__main__":
-    changed = sync(Path(sys.argv[1]) if len(sys.argv) > 1 else CONTRACT)
-    print(f"{CONTRACT.name}: {'updated' if changed else 'up to date'}")
+    changed = sync(Path(sys.argv[1]) if len(sys.argv) > 1 else README)
+    print(f"{README.name}: {'updated' if changed else 'up to date'}")

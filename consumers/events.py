@@ -1,6 +1,6 @@
 """Output records: the scored event (JSON, schema version 1) and the dead letter of a refused frame.
 
-Event fields are documented in ``consumers/CONTRACT.md`` and pinned by
+Event fields are documented in ``README.md`` and pinned by
 ``consumers/schemas/event.schema.json``. Masks are binary PNGs at the frame's own size
 (`hpad.masks.encode_mask_png`), base64 in the JSON. A dead letter is the original record (key, value,
 headers) plus ``hpad-*`` headers naming the reason; its layout is pinned by

@@ -8,7 +8,7 @@ environment variable to fix.
 
 Also here, because they are pure functions of the settings: the keyword arguments for kafka-python's
 ``KafkaConsumer`` / ``KafkaProducer`` (security options go to both) and the markdown table of every setting
-that ``consumers/CONTRACT.md`` embeds (`settings_table`).
+that ``README.md`` embeds (`settings_table`).
 """
 
 from __future__ import annotations
@@ -396,7 +396,7 @@ def _default_text(value: Any) -> str:
 
 
 def settings_table(cls: type[KafkaSettings] = WorkerSettings, fields: Sequence[str] | None = None) -> str:
-    """Markdown table of every setting: environment variable, default, meaning (CONTRACT.md embeds it)."""
+    """Markdown table of every setting: environment variable, default, meaning (README.md embeds it)."""
     lines = ["| environment variable | default | meaning |", "|---|---|---|"]
     for name, info in cls.model_fields.items():
         if fields is not None and name not in fields:

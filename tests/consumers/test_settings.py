@@ -1,4 +1,4 @@
-"""Settings: env / .env / CLI precedence, validation messages, secrets, Kafka kwargs, the CONTRACT.md table."""
+"""Settings: env / .env / CLI precedence, validation messages, secrets, Kafka kwargs, the README tables."""
 
 from __future__ import annotations
 
@@ -169,6 +169,6 @@ def test_every_setting_is_documented():
 
 
 def test_contract_tables_are_generated_from_the_code():
-    text = docs.CONTRACT.read_text()
+    text = docs.README.read_text()
     for name, table in docs.generated_blocks().items():
-        assert docs.block(text, name) == table, f"CONTRACT.md block {name} is stale: run python -m consumers.docs"
+        assert docs.block(text, name) == table, f"README.md block {name} is stale: run python -m consumers.docs"
