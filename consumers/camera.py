@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -136,8 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     images = load_images(find_images(ns.dir))
     producer = KafkaProducer(**producer_kwargs(settings))
     camera = Camera(producer, settings.input_topic, ns.camera_id, ns.category, ns.cameras)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())  # finish the frame in hand, flush, exit 0
     try:
-        sent = camera.stream(images, rate=ns.rate, frames=ns.frames, loop=ns.loop)
+        sent = camera.stream(images, rate=ns.rate, frames=ns.frames, loop=ns.loop, stop=stopping.is_set)
     except KeyboardInterrupt:
         log.info("interrupted after %d frames", camera.seq)
         return 130
