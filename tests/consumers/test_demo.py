@@ -33,11 +33,17 @@ def test_live_line_says_random_weights_and_latency():
     stats = Stats()
     now = datetime.now(UTC)
     event = {"is_anomaly": True, "random_weights": True, "model": "hpad-small", "weights": "random-init",
-             "precision": "fp32", "device": "cpu", "captured_at": (now - timedelta(milliseconds=40)).isoformat()}
+             "precision": "fp32", "device": "cpu", "captured_at": (now - timedelta(milliseconds=40)).isoformat(),
+             "prompt_version": 0}
     stats.add_event(event, now)
     stats.add_dead("undecodable")
     line = stats.line()
     assert "RANDOM WEIGHTS" in line and "dead letters 1" in line and "anomalies 1" in line and "40/40 ms" in line
+    assert "prompts v0" in line and stats.swaps == []
+    stats.add_event({**event, "prompt_version": 2}, now)
+    stats.add_event({**event, "prompt_version": 2}, now)
+    assert [(old, new, count) for _, old, new, count in stats.swaps] == [(0, 2, 1)]  # one swap, seen once
+    assert "prompts v2" in stats.line()
 
 
 def test_managed_process_stops_what_it_started(tmp_path):
