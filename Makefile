@@ -5,11 +5,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.hpad-installed
+PROMTOOL := $(VENV)/bin/promtool
 DEMO_ARGS ?=
 
 .PHONY: venv test demo lint bench-scorer bench-train bench-stream bench-swap deploy-check clean
 
-venv: $(STAMP)
+venv: $(STAMP) $(PROMTOOL)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +20,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
-	$(PY) -m ruff check hpad consumers tuner tests benchmarks
+test: $(STAMP) $(PROMTOOL)
+	$(PY) -m ruff check hpad consumers tuner tests benchmarks deploy
 	# pytest exit 5 ("no tests collected") counts as a failure
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
@@ -29,7 +30,7 @@ demo: $(STAMP)
 	$(PY) -m consumers.demo $(DEMO_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check hpad consumers tuner tests benchmarks
+	$(PY) -m ruff check hpad consumers tuner tests benchmarks deploy
 
 bench-scorer: $(STAMP)
 	$(PY) benchmarks/scorer.py
@@ -42,6 +43,21 @@ bench-stream: $(STAMP)
 
 bench-swap: $(STAMP)
 	$(PY) benchmarks/swap.py
+
+# promtool (Prometheus rules checks of the deploy tests): the one on PATH, else extracted from Debian's
+# `prometheus` package into the venv: `apt-get download` needs no root, `dpkg -x` unpacks without installing.
+$(PROMTOOL): | $(STAMP)
+	@if command -v promtool >/dev/null 2>&1; then ln -sf "$$(command -v promtool)" $@; else \
+	  dest="$$(realpath -m $@)" && tmp="$$(mktemp -d)" && ( cd "$$tmp" && \
+	    { apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq && apt-get download prometheus; }; } && \
+	    dpkg -x prometheus_*.deb root && install -m 755 root/usr/bin/promtool "$$dest" ); rc=$$?; rm -rf "$$tmp"; \
+	  [ $$rc -eq 0 ] || { echo "could not get promtool from Debian's prometheus package" >&2; exit 1; }; fi
+	@$@ --version >/dev/null
+
+# the Helm chart, images, dashboard and alert rules (offline: no cluster, no Docker daemon)
+deploy-check: $(STAMP) $(PROMTOOL)
+	$(PY) -m ruff check deploy tests/deploy
+	$(PY) -m pytest -q tests/deploy $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
