@@ -82,3 +82,21 @@ def write_results(name: str, payload: dict[str, Any], table: str) -> Path:
     print(table)
     print(f"\nwrote {path} and {path.with_suffix('.md')}")
     return path
+
+
+def read_records(bootstrap: str, topic: str, partitions: int, idle_s: float = 2.0) -> list:
+    """Every record of ``topic`` from the beginning, until nothing new arrived for ``idle_s``."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             max_partition_fetch_bytes=16 * 1024 * 1024)
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    records, idle = [], time.monotonic()
+    while time.monotonic() - idle < idle_s:
+        for part in consumer.poll(timeout_ms=200).values():
+            records += part
+            idle = time.monotonic()
+    consumer.close()
+    return records

@@ -30,9 +30,9 @@ import itertools
 
 import cv2
 import numpy as np
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 
-from benchmarks.common import machine, write_results
+from benchmarks.common import machine, read_records, write_results
 from consumers.broker import EmbeddedBroker, free_port
 from consumers.camera import frame_headers
 from consumers.demo import ManagedProcess, poison_frames
@@ -56,22 +56,6 @@ def frames_pool(n: int = 32) -> list[bytes]:
         cv2.circle(picture, (64 + i % 5, 48), 30, (200, 190, 170), 8)
         out.append(cv2.imencode(".png", picture)[1].tobytes())
     return out
-
-
-def read_outputs(bootstrap: str, topic: str, partitions: int) -> list:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                             max_partition_fetch_bytes=16 * 1024 * 1024)
-    tps = [TopicPartition(topic, p) for p in range(partitions)]
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
-    records, idle = [], time.monotonic()
-    while time.monotonic() - idle < 3.0:
-        batch = consumer.poll(timeout_ms=300)
-        for part in batch.values():
-            records += part
-            idle = time.monotonic()
-    consumer.close()
-    return records
 
 
 def main() -> int:
@@ -171,8 +155,8 @@ def main() -> int:
         finally:
             producer.close()
             codes = {p.name: p.stop() for p in (tuner, worker)}
-        events = read_outputs(broker.bootstrap, topics["events"], PARTITIONS)
-        dead = read_outputs(broker.bootstrap, topics["dlq"], 1)
+        events = read_records(broker.bootstrap, topics["events"], PARTITIONS, idle_s=3.0)
+        dead = read_records(broker.bootstrap, topics["dlq"], 1, idle_s=3.0)
     parsed = [json.loads(r.value) for r in events]
     event_ids = [e["frame_id"] for e in parsed]
     dead_ids = [dict(r.headers).get("frame_id", b"").decode() for r in dead]

@@ -33,9 +33,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer
 
-from benchmarks.common import machine, sample_frames, write_results
+from benchmarks.common import machine, read_records, sample_frames, write_results
 from consumers.app import build_provider, build_scorer, model_info
 from consumers.broker import EmbeddedBroker
 from consumers.camera import frame_headers
@@ -57,22 +57,6 @@ def artifact(scorer: Scorer, seed: int, memory_frames: list) -> object:
                       model_identity=scorer.backbone.identity, laa=scorer.config.laa)
     prompts = prompts.with_memory(scorer.build_memory(memory_frames))
     return read_artifact(build_artifact_bytes(prompts, version=1))
-
-
-def read_events(bootstrap: str, topic: str, partitions: int) -> list[dict]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                             max_partition_fetch_bytes=16 * 1024 * 1024)
-    tps = [TopicPartition(topic, p) for p in range(partitions)]
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
-    events, idle = [], time.monotonic()
-    while time.monotonic() - idle < 2.0:
-        batch = consumer.poll(timeout_ms=200)
-        for records in batch.values():
-            events += [json.loads(r.value) for r in records]
-            idle = time.monotonic()
-    consumer.close()
-    return events
 
 
 def analyse(events: list[dict], window: float) -> dict:
@@ -176,7 +160,7 @@ def main() -> int:
         feeder.join(timeout=30)
         worker.request_stop()
         thread.join(timeout=120)
-        events = read_events(broker.bootstrap, s.events_topic, 3)
+        events = [json.loads(r.value) for r in read_records(broker.bootstrap, s.events_topic, 3)]
     result = analyse(events, ns.window)
     result["publish_to_first_v2_event_s"] = min(datetime.fromisoformat(e["scored_at"]).timestamp()
                                                  for e in events if e["prompt_version"] == 2) - t_publish

@@ -17,14 +17,12 @@ from kafka.errors import KafkaError
 
 from consumers import kafka_io
 from consumers.events import ModelInfo
-from consumers.metrics import Health, MetricsServer, WorkerMetrics
+from consumers.metrics import Health, WorkerMetrics, start_metrics_server
 from consumers.prompt_provider import KafkaPromptProvider, PromptProvider, StaticPromptProvider
 from consumers.settings import (
     ModelSettings,
     WorkerSettings,
-    add_cli_flags,
-    cli_overrides,
-    load_settings,
+    parse_service_args,
     prompts_consumer_kwargs,
 )
 from consumers.worker import Worker
@@ -73,14 +71,9 @@ def build_provider(settings: WorkerSettings, scorer: Scorer, metrics: WorkerMetr
 
 
 def parse_args(argv: Sequence[str]) -> tuple[WorkerSettings, argparse.Namespace]:
-    parser = argparse.ArgumentParser(prog="hpad serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--max-frames", type=int, help="stop after this many frames are done (tests, demos)")
-    parser.add_argument("--timeout", type=float, help="stop after this many seconds")
-    add_cli_flags(parser, WorkerSettings)
-    ns = parser.parse_args(list(argv))
-    settings = load_settings(WorkerSettings, cli_overrides(ns, WorkerSettings))
-    assert isinstance(settings, WorkerSettings)
-    return settings, ns
+    return parse_service_args("hpad serve", __doc__.split("\n\n")[0], WorkerSettings, argv, [
+        ("--max-frames", int, "stop after this many frames are done (tests, demos)"),
+        ("--timeout", float, "stop after this many seconds")])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,10 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(package).setLevel(settings.log_level)
     metrics = WorkerMetrics()
     health = Health(settings.liveness_timeout_ms / 1000)
-    server = None
-    if settings.metrics_port >= 0:
-        server = MetricsServer(metrics, health, settings.metrics_host, settings.metrics_port).start()
-        log.info("metrics on http://%s:%d/metrics (also /healthz, /readyz)", settings.metrics_host, server.port)
+    server = start_metrics_server(metrics, health, settings.metrics_host, settings.metrics_port)
     try:
         worker = build_worker(settings, metrics, health)
         if worker.model.random_weights:

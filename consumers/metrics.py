@@ -161,7 +161,7 @@ class Health:
 class MetricsServer:
     """``/metrics``, ``/healthz``, ``/readyz`` on a daemon thread; ``port=0`` picks a free port."""
 
-    def __init__(self, metrics: WorkerMetrics, health: Health, host: str, port: int) -> None:
+    def __init__(self, metrics: object, health: Health, host: str, port: int) -> None:
         handler = _handler(metrics, health)
         self._server = ThreadingHTTPServer((host, port), handler)
         self._server.daemon_threads = True
@@ -181,7 +181,7 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
-def _handler(metrics: WorkerMetrics, health: Health) -> type[BaseHTTPRequestHandler]:
+def _handler(metrics: object, health: Health) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
@@ -210,3 +210,12 @@ def _handler(metrics: WorkerMetrics, health: Health) -> type[BaseHTTPRequestHand
             log.debug("metrics http: " + format, *args)
 
     return Handler
+
+
+def start_metrics_server(metrics: object, health: Health, host: str, port: int) -> MetricsServer | None:
+    """The HTTP endpoints of a service process, or None when ``port`` is -1 (off)."""
+    if port < 0:
+        return None
+    server = MetricsServer(metrics, health, host, port).start()
+    log.info("metrics on http://%s:%d/metrics (also /healthz, /readyz)", host, server.port)
+    return server

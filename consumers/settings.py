@@ -377,6 +377,18 @@ def add_cli_flags(parser: argparse.ArgumentParser, cls: type[KafkaSettings]) -> 
             group.add_argument(flag, dest=name, default=None, help=help_text)
 
 
+def parse_service_args(prog: str, description: str, cls: type[KafkaSettings], argv: Sequence[str],
+                       extra: Sequence[tuple[str, type, str]] = ()) -> tuple[Any, argparse.Namespace]:
+    """argparse for a service command: ``extra`` (flag, type, help) options + one flag per setting of ``cls``;
+    returns the validated settings (env < .env < flags) and the namespace."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for flag, kind, help_text in extra:
+        parser.add_argument(flag, type=kind, help=help_text)
+    add_cli_flags(parser, cls)
+    ns = parser.parse_args(list(argv))
+    return load_settings(cls, cli_overrides(ns, cls)), ns
+
+
 def cli_overrides(ns: argparse.Namespace, cls: type[KafkaSettings]) -> dict[str, Any]:
     """The settings given on the command line (pydantic converts the strings)."""
     return {name: getattr(ns, name) for name in cli_fields(cls) if getattr(ns, name, None) is not None}

@@ -42,12 +42,10 @@ from consumers import kafka_io
 from consumers.app import build_scorer
 from consumers.contract import Limits, check_payload_size, parse_frame_headers
 from consumers.decode import decode_frame, inspect_frame
-from consumers.metrics import Health, MetricsServer
+from consumers.metrics import Health, start_metrics_server
 from consumers.settings import (
-    add_cli_flags,
-    cli_overrides,
     connection_kwargs,
-    load_settings,
+    parse_service_args,
     producer_kwargs,
     prompts_consumer_kwargs,
 )
@@ -461,14 +459,9 @@ def build_tuner(settings: TunerSettings, metrics: TunerMetrics | None = None, he
 
 
 def parse_args(argv: Sequence[str]) -> tuple[TunerSettings, argparse.Namespace]:
-    parser = argparse.ArgumentParser(prog="hpad tune", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--max-runs", type=int, help="stop after this many runs ended (tests, demos)")
-    parser.add_argument("--timeout", type=float, help="stop after this many seconds")
-    add_cli_flags(parser, TunerSettings)
-    ns = parser.parse_args(list(argv))
-    settings = load_settings(TunerSettings, cli_overrides(ns, TunerSettings))
-    assert isinstance(settings, TunerSettings)
-    return settings, ns
+    return parse_service_args("hpad tune", __doc__.split("\n\n")[0], TunerSettings, argv, [
+        ("--max-runs", int, "stop after this many runs ended (tests, demos)"),
+        ("--timeout", float, "stop after this many seconds")])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -477,10 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(package).setLevel(settings.log_level)
     metrics = TunerMetrics()
     health = Health(settings.liveness_timeout_ms / 1000)
-    server = None
-    if settings.metrics_port >= 0:
-        server = MetricsServer(metrics, health, settings.metrics_host, settings.metrics_port).start()
-        log.info("metrics on http://%s:%d/metrics (also /healthz, /readyz)", settings.metrics_host, server.port)
+    server = start_metrics_server(metrics, health, settings.metrics_host, settings.metrics_port)
     try:
         tuner = build_tuner(settings, metrics, health)
         if tuner.scorer.backbone.random_weights:
