@@ -52,6 +52,8 @@ REASONS: dict[str, str] = {
     "out_of_memory": "scoring this single frame ran out of memory after retries",
     "event_too_large": "the event (with its mask) is larger than the producer's max request size",
     "event_rejected": "the broker refused the event with a non-retriable error",
+    "internal_error": "hpad failed on this frame in an unexpected way (a bug: report it with the dead letter); "
+                      "the worker goes on with the next frame",
 }
 
 MAX_ID_CHARS = 256
@@ -159,17 +161,19 @@ def _raw_order(params: Mapping[str, str]) -> str:
 def parse_captured_at(text: str) -> datetime:
     """RFC 3339 with a timezone (``2026-11-25T05:34:27.593Z``) or integer epoch milliseconds -> aware UTC."""
     if text.isdigit():
-        millis = int(text)
+        # str.isdigit() also accepts digits int() refuses ('²') and strings longer than int() converts
+        millis = int(text) if text.isascii() and len(text) <= 19 else -1
         if not _MIN_EPOCH_MS <= millis <= _MAX_EPOCH_MS:
-            raise FrameError("invalid_header", f"captured_at {text!r} is not epoch milliseconds between 2000 and 2100")
+            raise FrameError("invalid_header",
+                             f"captured_at {text[:64]!r} is not epoch milliseconds between 2000 and 2100")
         return datetime.fromtimestamp(millis / 1000.0, tz=UTC)
     try:
         moment = datetime.fromisoformat(text)
-    except ValueError:
+        if moment.tzinfo is None:
+            raise FrameError("invalid_header", f"captured_at {text[:64]!r} has no timezone (add Z or +01:00)")
+        return moment.astimezone(UTC)  # OverflowError for 0001-01-01T00:00+01:00 or 9999-12-31T23:59-01:00
+    except (ValueError, OverflowError):
         raise FrameError("invalid_header", f"captured_at {text[:64]!r} is neither RFC 3339 nor epoch ms") from None
-    if moment.tzinfo is None:
-        raise FrameError("invalid_header", f"captured_at {text[:64]!r} has no timezone (add Z or +01:00)")
-    return moment.astimezone(UTC)
 
 
 def _identifier(name: str, value: str | None, limit: int = MAX_ID_CHARS) -> str:

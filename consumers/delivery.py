@@ -88,7 +88,7 @@ class Deliverer:
         result = Round([], [], [])
         for out in [*waiting, *outs]:
             assert out.delivery is not None
-            ok, error = out.delivery.outcome()
+            ok, error = out.delivery.outcome(require_offset=True)  # see kafka_io.UnconfirmedWriteError
             if ok:
                 continue
             if error is None:

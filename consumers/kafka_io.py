@@ -68,6 +68,20 @@ def make_producer(kwargs: dict) -> KafkaProducer:
     return KafkaProducer(**kwargs)
 
 
+class UnconfirmedWriteError(KafkaError):
+    """The broker acknowledged a record without an offset: the write cannot be confirmed (retriable).
+
+    kafka-python's idempotent producer turns a DUPLICATE_SEQUENCE_NUMBER answer ("already written") into a
+    success with offset -1. A broker whose producer state outlives its log says that for records it never
+    stored: tansu 0.6 on s3:// storage, killed between advancing the producer sequence and writing the record
+    batch (separate S3 objects), answered the producer's retry that way and four events were lost (found by
+    tests/reliability). Re-sending gets new sequence numbers, so the record is written; if it really was
+    written before, it is there twice, which at-least-once allows (readers deduplicate by frame_id).
+    """
+
+    retriable = True
+
+
 @dataclass
 class Delivery:
     """One record handed to the producer: its future, or the error raised when it was handed over."""
@@ -75,8 +89,9 @@ class Delivery:
     future: object | None
     error: BaseException | None = None
 
-    def outcome(self, wait_s: float = 0.0) -> tuple[bool, BaseException | None]:
-        """(acknowledged, error). Not acknowledged and no error means still pending after ``wait_s``."""
+    def outcome(self, wait_s: float = 0.0, require_offset: bool = False) -> tuple[bool, BaseException | None]:
+        """(acknowledged, error). Not acknowledged and no error means still pending after ``wait_s``.
+        With ``require_offset`` an acknowledgement without an offset is returned as an `UnconfirmedWriteError`."""
         if self.error is not None:
             return False, self.error
         future = self.future
@@ -87,6 +102,9 @@ class Delivery:
             return False, None
         if future.failed():  # type: ignore[union-attr]
             return False, future.exception  # type: ignore[union-attr]
+        offset = getattr(future.value, "offset", None)  # type: ignore[union-attr]
+        if require_offset and (offset is None or offset < 0):
+            return False, UnconfirmedWriteError("acknowledged as a duplicate without an offset; the write is unconfirmed")
         return True, None
 
 

@@ -171,6 +171,9 @@ class Pipeline:
             item.decoding = self.pool.submit(_timed_decode, item.meta, value, item.size)
         except FrameError as exc:
             item.fail(exc)
+        except Exception as exc:  # a parser bug must cost one frame (dead-lettered), never the partition
+            log.exception("unexpected error admitting %s[%d]@%d", tp.topic, tp.partition, record.offset)
+            item.fail(FrameError("internal_error", f"{type(exc).__name__}: {exc}"))
         return item
 
     def has_room(self) -> bool:
@@ -310,6 +313,9 @@ class ScoreStage:
             item.pixels, item.decode_s = item.decoding.result()
         except FrameError as exc:
             item.fail(exc)
+        except Exception as exc:  # a decoder bug must cost one frame (dead-lettered), never the partition
+            log.exception("unexpected error decoding frame %s", item.meta.frame_id if item.meta else "?")
+            item.fail(FrameError("internal_error", f"{type(exc).__name__}: {exc}"))
         item.decoding = None
         self.metrics.stage.labels(stage="decode").observe(item.decode_s)
 

@@ -63,7 +63,7 @@ def settings(broker: EmbeddedBroker, topics: Topics, **overrides: Any) -> Worker
         "dlq_topic": topics.dlq, "group_id": topics.group, "model": "hpad-tiny", "random_init": True,
         "device": "cpu", "categories": ["widget", "gadget"], "metrics_port": -1, "max_batch_size": 4,
         "revoke_timeout_ms": 5000, "shutdown_timeout_ms": 10000, "retry_backoff_ms": 50,
-        "lag_interval_ms": 200, **FAST_GROUP,
+        "lag_interval_ms": 200, "normals_topic": None, **FAST_GROUP,
     }
     values.update(overrides)
     return WorkerSettings(**values)

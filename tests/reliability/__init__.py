@@ -1,0 +1,1 @@
+"""Reliability and security suite (issue 8): fault injection on the real embedded broker, fuzzing, security."""
