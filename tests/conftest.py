@@ -38,3 +38,14 @@ def kafka_broker(tmp_path_factory):
     root = tmp_path_factory.mktemp("tansu")
     with EmbeddedBroker(schema_dir=root / "schemas", log_path=root / "tansu.log") as broker:
         yield broker
+
+
+@pytest.fixture
+def clean_hpad_env(monkeypatch, tmp_path):
+    """Remove every HPAD_* variable and run in an empty folder (no .env) so settings see only what a test sets."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("HPAD_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)

@@ -29,14 +29,8 @@ SECURITY = ("security_protocol", "ssl_cafile", "ssl_certfile", "ssl_keyfile", "s
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path):
-    """No HPAD_* variables or .env file of the machine leak into these tests."""
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("HPAD_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+def clean_env(clean_hpad_env):
+    """No HPAD_* variable or .env file of the machine leaks into these tests."""
 
 
 def test_defaults_are_valid_and_sane():

@@ -47,14 +47,8 @@ SECURITY_KEYS = ("security_protocol", "sasl_mechanism", "sasl_plain_username", "
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path):
+def clean_env(clean_hpad_env):
     """No HPAD_* variable or .env file of the machine leaks into these tests."""
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("HPAD_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
 
 
 def self_signed(folder: Path) -> tuple[Path, Path]:
