@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -187,8 +187,7 @@ class Tuner:
         self.stop_reason = "stop"
         self.publishing = threading.Event()
         self.reports: list[RunReport] = []
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpad-tune-run")
-        self._running: tuple[str, Future] | None = None
+        self._running: tuple[str, Future] | None = None  # one run at a time, on a daemon thread
         for category in settings.categories:
             self.states.setdefault(category, CategoryState())
         self._update_reservoir_metrics()
@@ -256,9 +255,8 @@ class Tuner:
                 self._running[1].result(timeout=self.settings.request_timeout_ms / 1000 + 5)
             except Exception as exc:  # noqa: BLE001 - reported, we are stopping anyway
                 log.warning("publish in progress failed while stopping: %s", exc)
-        elif self._running is not None:
+        elif self._running is not None:  # a daemon thread: it dies with the process and never publishes
             log.info("stopping: run of %s abandoned; it runs again after restart", self._running[0])
-        self._executor.shutdown(wait=False, cancel_futures=True)
         if consumer is not None:
             try:
                 consumer.close(autocommit=False)
@@ -327,8 +325,24 @@ class Tuner:
                                 min_normals=s.min_normals)
             if reason is not None:
                 log.info("tuning run for %s starts (%s; %d normals)", category, reason, normals)
-                self._running = (category, self._executor.submit(self.run_category, category))
+                self._running = (category, self._start_run(category))
                 return
+
+    def run_in_progress(self) -> bool:
+        return self._running is not None and not self._running[1].done()
+
+    def _start_run(self, category: str) -> Future:
+        """`run_category` on a daemon thread (an executor's threads would keep a stopping process alive)."""
+        future: Future = Future()
+
+        def work() -> None:
+            try:
+                future.set_result(self.run_category(category))
+            except Exception as exc:  # noqa: BLE001 - handed to _reap, which reports it
+                future.set_exception(exc)
+
+        threading.Thread(target=work, name=f"hpad-tune-{category}", daemon=True).start()
+        return future
 
     def _reap(self) -> None:
         if self._running is None or not self._running[1].done():
@@ -404,6 +418,8 @@ class Tuner:
         if not d.publish:
             return RunReport(category, "rejected", d.reason, time.monotonic() - start, None, d.current, d.candidate)
         artifact = self._artifact(outcome, current, seed)
+        if self.stop_event.is_set():  # stopping: publish nothing that nobody will record
+            return RunReport(category, "failed", "stopped before publishing", time.monotonic() - start)
         self.publishing.set()
         try:
             published = self.registry.publish(artifact, parent_version=current.version)
@@ -489,4 +505,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if server is not None:
             server.stop()
     log.info("stopped (%s) after %d runs", tuner.stop_reason, runs)
+    if tuner.run_in_progress():
+        # an abandoned run is still inside torch on its daemon thread; a normal interpreter exit would tear down
+        # C++ state under it (std::terminate, SIGABRT). Nothing is left to save: its state and artifact were never
+        # written, so leave at once.
+        logging.shutdown()
+        os._exit(0)
     return 0

@@ -293,3 +293,29 @@ def test_tuner_settings_validate(tmp_path):
 
         load_settings(TunerSettings, {"shots": 8, "min_normals": 6, "random_init": True})
     assert PromptRegistry  # imported for the registry tests
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_sigterm_during_a_run_exits_promptly_and_publishes_nothing(kafka_broker, tmp_path):
+    """Invariant: SIGTERM mid-run stops the tuner within seconds (the run thread does not keep it alive) with
+    exit code 0, and the abandoned run publishes nothing."""
+    prompts_topic = f"term-prompts-{uuid.uuid4().hex[:6]}"
+    kafka_broker.create_topic(prompts_topic, 1)
+    kafka_broker.create_topic(f"{prompts_topic}.normals", 1)
+    ts = tuner_settings(tmp_path, bootstrap_servers=kafka_broker.bootstrap, prompts_topic=prompts_topic,
+                        normals_topic=f"{prompts_topic}.normals", group_id=f"g-{uuid.uuid4().hex[:6]}")
+    fill_reservoir(ts.reservoir_dir, 8)
+    process, log = spawn_tuner(kafka_broker, ts, tmp_path, "term", epochs=500)
+    log_path = tmp_path / "term.log"
+    try:
+        wait_for(lambda: b"tuning run for widget starts" in log_path.read_bytes(), timeout=90, what="run started")
+        time.sleep(1.0)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0, log_path.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
+    assert b"abandoned" in log_path.read_bytes()
+    assert read_topic(KafkaConsumer(**prompts_consumer_kwargs(ts)), prompts_topic) == []
