@@ -233,21 +233,32 @@ def spawn_tuner(broker, ts: TunerSettings, tmp_path, name: str, epochs: int, max
     return subprocess.Popen(args, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT), log
 
 
-@pytest.mark.kafka
-@pytest.mark.slow
-def test_tuner_killed_mid_run_publishes_nothing_and_resumes(kafka_broker, tmp_path):
-    """Invariant: a run interrupted by SIGKILL leaves no record on the prompts topic (a version is one
-    acknowledged record or nothing) and no schedule update; the restarted tuner runs it again and publishes."""
-    prompts_topic = f"kill-prompts-{uuid.uuid4().hex[:6]}"
+def start_long_run(kafka_broker, tmp_path, prefix: str, name: str):
+    """Fresh topics, a filled reservoir, and `hpad tune` as a process inside a 500-epoch run of widget."""
+    prompts_topic = f"{prefix}-prompts-{uuid.uuid4().hex[:6]}"
     kafka_broker.create_topic(prompts_topic, 1)
     kafka_broker.create_topic(f"{prompts_topic}.normals", 1)
     ts = tuner_settings(tmp_path, bootstrap_servers=kafka_broker.bootstrap, prompts_topic=prompts_topic,
                         normals_topic=f"{prompts_topic}.normals", group_id=f"g-{uuid.uuid4().hex[:6]}")
     fill_reservoir(ts.reservoir_dir, 8)
-    process, log = spawn_tuner(kafka_broker, ts, tmp_path, "first", epochs=500)
-    log_path = tmp_path / "first.log"
+    process, log = spawn_tuner(kafka_broker, ts, tmp_path, name, epochs=500)
+    log_path = tmp_path / f"{name}.log"
     try:
         wait_for(lambda: b"tuning run for widget starts" in log_path.read_bytes(), timeout=90, what="run started")
+    except BaseException:
+        process.kill()
+        log.close()
+        raise
+    return ts, process, log, log_path
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_tuner_killed_mid_run_publishes_nothing_and_resumes(kafka_broker, tmp_path):
+    """Invariant: a run interrupted by SIGKILL leaves no record on the prompts topic (a version is one
+    acknowledged record or nothing) and no schedule update; the restarted tuner runs it again and publishes."""
+    ts, process, log, _ = start_long_run(kafka_broker, tmp_path, "kill", "first")
+    try:
         time.sleep(2.0)  # well inside the 500-epoch run
         assert process.poll() is None
         process.send_signal(signal.SIGKILL)
@@ -256,7 +267,7 @@ def test_tuner_killed_mid_run_publishes_nothing_and_resumes(kafka_broker, tmp_pa
         if process.poll() is None:
             process.kill()
         log.close()
-    assert read_topic(KafkaConsumer(**prompts_consumer_kwargs(ts)), prompts_topic) == []
+    assert read_topic(KafkaConsumer(**prompts_consumer_kwargs(ts)), ts.prompts_topic) == []
     assert not (ts.reservoir_dir / "tuner-state.json").exists()
     process, log = spawn_tuner(kafka_broker, ts, tmp_path, "second", epochs=2, max_runs=1)
     try:
@@ -265,7 +276,7 @@ def test_tuner_killed_mid_run_publishes_nothing_and_resumes(kafka_broker, tmp_pa
         if process.poll() is None:
             process.kill()
         log.close()
-    rows = [parse_record(r) for r in read_topic(KafkaConsumer(**prompts_consumer_kwargs(ts)), prompts_topic)]
+    rows = [parse_record(r) for r in read_topic(KafkaConsumer(**prompts_consumer_kwargs(ts)), ts.prompts_topic)]
     assert [(r.version, r.artifact is not None) for r in rows] == [(1, True)]
     state = json.loads((ts.reservoir_dir / "tuner-state.json").read_text())
     assert state["widget"]["runs"] == 1 and state["widget"]["last_outcome"] == "published"
@@ -300,16 +311,8 @@ def test_tuner_settings_validate(tmp_path):
 def test_sigterm_during_a_run_exits_promptly_and_publishes_nothing(kafka_broker, tmp_path):
     """Invariant: SIGTERM mid-run stops the tuner within seconds (the run thread does not keep it alive) with
     exit code 0, and the abandoned run publishes nothing."""
-    prompts_topic = f"term-prompts-{uuid.uuid4().hex[:6]}"
-    kafka_broker.create_topic(prompts_topic, 1)
-    kafka_broker.create_topic(f"{prompts_topic}.normals", 1)
-    ts = tuner_settings(tmp_path, bootstrap_servers=kafka_broker.bootstrap, prompts_topic=prompts_topic,
-                        normals_topic=f"{prompts_topic}.normals", group_id=f"g-{uuid.uuid4().hex[:6]}")
-    fill_reservoir(ts.reservoir_dir, 8)
-    process, log = spawn_tuner(kafka_broker, ts, tmp_path, "term", epochs=500)
-    log_path = tmp_path / "term.log"
+    ts, process, log, log_path = start_long_run(kafka_broker, tmp_path, "term", "term")
     try:
-        wait_for(lambda: b"tuning run for widget starts" in log_path.read_bytes(), timeout=90, what="run started")
         time.sleep(1.0)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0, log_path.read_text()[-3000:]
@@ -318,4 +321,4 @@ def test_sigterm_during_a_run_exits_promptly_and_publishes_nothing(kafka_broker,
             process.kill()
         log.close()
     assert b"abandoned" in log_path.read_bytes()
-    assert read_topic(KafkaConsumer(**prompts_consumer_kwargs(ts)), prompts_topic) == []
+    assert read_topic(KafkaConsumer(**prompts_consumer_kwargs(ts)), ts.prompts_topic) == []
