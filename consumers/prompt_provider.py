@@ -14,7 +14,6 @@ reference assignment. A bad record is counted and logged; the current version ke
 
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 import time
@@ -27,6 +26,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from consumers.metrics import WorkerMetrics
+from hpad.artifact import load_prompt_artifact
 from hpad.errors import ConfigError
 from hpad.prompts import PromptSet
 from hpad.scorer import Scorer
@@ -99,19 +99,11 @@ class StaticPromptProvider(PromptProvider):
 
 def load_artifact_prompts(scorer: Scorer, prompt_dir: Path, category: str) -> PromptSet:
     """The verified prompt set of ``prompt_dir/<category>.safetensors`` for this scorer's model and LAA."""
-    try:
-        artifact = importlib.import_module("hpad.artifact")
-    except ImportError as exc:  # pragma: no cover - hpad.artifact ships with hpad
-        raise ConfigError(f"HPAD_PROMPT_DIR is set but prompt artifacts are not supported by this hpad build "
-                          f"(hpad.artifact cannot be imported: {exc}); unset HPAD_PROMPT_DIR for zero-shot") from exc
-    loader = getattr(artifact, "load_prompt_artifact", None)
-    if loader is None:  # pragma: no cover
-        raise ConfigError("hpad.artifact has no load_prompt_artifact; unset HPAD_PROMPT_DIR for zero-shot prompts")
     path = Path(prompt_dir) / f"{category}{ARTIFACT_SUFFIX}"
     if not path.is_file():
         raise ConfigError(f"no prompt artifact for category {category!r}: {path} does not exist "
                           f"(train one with `hpad train --category {category} --out {path}`)")
-    prompts = loader(path, expected_identity=scorer.backbone.identity, expected_laa=scorer.config.laa)
+    prompts = load_prompt_artifact(path, expected_identity=scorer.backbone.identity, expected_laa=scorer.config.laa)
     if prompts.category != category:
         raise ConfigError(f"{path} holds prompts for category {prompts.category!r}, not {category!r}")
     log.info("category %s: prompt artifact %s (%s)", category, path, prompts.label())

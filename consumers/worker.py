@@ -136,7 +136,6 @@ class Worker:
         previous = self._install_signals() if install_signals else {}
         try:
             self.provider.start(wait_s=self.settings.request_timeout_ms / 1000)  # newest prompt versions first
-            self._publish_static_metrics()
             if not self._connect():
                 return RunResult(0, self.stop_reason, 0, True)
             deadline = None if timeout is None else time.monotonic() + timeout

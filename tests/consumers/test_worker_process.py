@@ -48,33 +48,42 @@ def events_seen(broker, topic: str, at_least: int) -> dict[str, list[dict]]:
     return events_by_frame(read_all(broker, topic, expected=at_least, timeout=60))
 
 
-def test_sigkill_mid_stream_then_restart_loses_nothing(kafka_broker, make_worker, tmp_path):
-    topics = new_topics(kafka_broker, partitions=2)
-    rng = np.random.default_rng(10)
+def signal_mid_stream(broker, tmp_path, seed: int, name: str, signum: int, wait_s: float):
+    """120 frames over 2 partitions: 10 up front, the rest at about 60 frames/s from a camera thread; `hpad
+    serve` as a process gets ``signum`` once 30 events are out (mid-stream: frames are being scored and
+    published). Returns (topics, frames, sent, exit code)."""
+    topics = new_topics(broker, partitions=2)
+    rng = np.random.default_rng(seed)
     frames = [good_frame(rng, camera=f"cam-{i % 2}", size=(240, 320)) for i in range(120)]
     for i, frame in enumerate(frames):
         frame.partition = i % 2
-    sent = publish(kafka_broker, topics.frames, frames[:10])
+    sent = publish(broker, topics.frames, frames[:10])
 
-    def camera() -> None:  # about 60 frames/s: the stream goes on while the worker is killed
+    def camera() -> None:  # the stream goes on while the worker gets the signal
         for start in range(10, len(frames), 6):
-            sent.extend(publish(kafka_broker, topics.frames, frames[start : start + 6]))
+            sent.extend(publish(broker, topics.frames, frames[start : start + 6]))
             time.sleep(0.1)
 
-    process, log = spawn(kafka_broker, topics, tmp_path, "killed")
+    process, log = spawn(broker, topics, tmp_path, name)
     stream = threading.Thread(target=camera)
     try:
-        events_seen(kafka_broker, topics.events, 10)  # the worker is up and producing
+        events_seen(broker, topics.events, 10)  # the worker is up and producing
         stream.start()
-        events_seen(kafka_broker, topics.events, 30)
-        process.send_signal(signal.SIGKILL)  # mid-stream: frames are being scored and published
-        assert process.wait(timeout=30) == -signal.SIGKILL
+        events_seen(broker, topics.events, 30)
+        process.send_signal(signum)
+        code = process.wait(timeout=wait_s)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
         log.close()
         stream.join(timeout=60)
+    return topics, frames, sent, code
+
+
+def test_sigkill_mid_stream_then_restart_loses_nothing(kafka_broker, make_worker, tmp_path):
+    topics, frames, sent, code = signal_mid_stream(kafka_broker, tmp_path, 10, "killed", signal.SIGKILL, 30)
+    assert code == -signal.SIGKILL
     at_kill = committed_offsets(kafka_broker, topics.group, topics.frames)
     before = events_by_frame(read_all(kafka_broker, topics.events))
     assert_commits_covered(at_kill, sent, set(before))
@@ -99,32 +108,7 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(kafka_broker, make_worker
 
 
 def test_sigterm_drains_commits_and_exits_zero(kafka_broker, make_worker, tmp_path):
-    topics = new_topics(kafka_broker, partitions=2)
-    rng = np.random.default_rng(11)
-    frames = [good_frame(rng, camera=f"cam-{i % 2}", size=(240, 320)) for i in range(120)]
-    for i, frame in enumerate(frames):
-        frame.partition = i % 2
-    sent = publish(kafka_broker, topics.frames, frames[:10])
-
-    def camera() -> None:  # about 60 frames/s: SIGTERM arrives mid-stream
-        for start in range(10, len(frames), 6):
-            sent.extend(publish(kafka_broker, topics.frames, frames[start : start + 6]))
-            time.sleep(0.1)
-
-    process, log = spawn(kafka_broker, topics, tmp_path, "terminated")
-    stream = threading.Thread(target=camera)
-    try:
-        events_seen(kafka_broker, topics.events, 10)
-        stream.start()
-        events_seen(kafka_broker, topics.events, 30)
-        process.send_signal(signal.SIGTERM)
-        code = process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        log.close()
-        stream.join(timeout=60)
+    topics, frames, sent, code = signal_mid_stream(kafka_broker, tmp_path, 11, "terminated", signal.SIGTERM, 60)
     assert code == 0, (tmp_path / "terminated.log").read_text()[-3000:]
     committed = committed_offsets(kafka_broker, topics.group, topics.frames)
     events = events_by_frame(read_all(kafka_broker, topics.events))
