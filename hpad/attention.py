@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -69,20 +70,25 @@ class ImageTokens(NamedTuple):
     patches: torch.Tensor
 
 
-@lru_cache(maxsize=32)
 def locality_blocked(grid_h: int, grid_w: int, radius: int) -> torch.Tensor:
     """Boolean mask [1+Gh*Gw, 1+Gh*Gw]; True = query row may NOT attend to key column.
 
     Index 0 is the class token: its row is open (global), its column is closed to patches. Patch i sees
-    patch j iff max(|dy|, |dx|) <= radius.
+    patch j iff max(|dy|, |dx|) <= radius. A new tensor each call (from a cached host array).
     """
-    ys, xs = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    return torch.from_numpy(_locality_blocked(grid_h, grid_w, radius).copy())
+
+
+@lru_cache(maxsize=32)
+def _locality_blocked(grid_h: int, grid_w: int, radius: int) -> np.ndarray:
+    ys, xs = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
     ys, xs = ys.reshape(-1), xs.reshape(-1)
-    cheb = torch.maximum((ys[:, None] - ys[None, :]).abs(), (xs[:, None] - xs[None, :]).abs())
+    cheb = np.maximum(np.abs(ys[:, None] - ys[None, :]), np.abs(xs[:, None] - xs[None, :]))
     n = grid_h * grid_w
-    blocked = torch.ones(n + 1, n + 1, dtype=torch.bool)
+    blocked = np.ones((n + 1, n + 1), dtype=bool)
     blocked[0, :] = False  # class token attends globally
     blocked[1:, 1:] = cheb > radius  # patches: local window only (and never the class token)
+    blocked.setflags(write=False)
     return blocked
 
 

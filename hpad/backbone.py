@@ -37,6 +37,7 @@ open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 RANDOM_WEIGHTS_ID = "random-init"
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_LOGIT_SCALE = 100.0  # CLIP clamps its learned temperature here
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class Backbone:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     embed_dim: int
+    logit_scale: float = 100.0  # CLIP's learned temperature, read once at load (no device sync per batch)
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -234,6 +236,7 @@ def load_backbone(spec: WeightsSpec, device: str | None = None, precision: str =
     if weights_file is not None:
         _load_checkpoint_into(model, weights_file)
     model.eval().requires_grad_(False)
+    logit_scale = float(model.logit_scale.detach().float().exp().clamp(max=MAX_LOGIT_SCALE))
     dtype = PRECISIONS[precision]
     model.to(device=dev, dtype=dtype)
 
@@ -257,6 +260,7 @@ def load_backbone(spec: WeightsSpec, device: str | None = None, precision: str =
         mean=tuple(float(v) for v in pp["mean"]),
         std=tuple(float(v) for v in pp["std"]),
         embed_dim=int(visual.output_dim),
+        logit_scale=logit_scale,
     )
     if backbone.random_weights:
         log.warning("model %s uses RANDOM weights: scores carry no meaning", spec.model)

@@ -134,10 +134,9 @@ def project_conflicting(g: torch.Tensor, g_meta: torch.Tensor, lam: float = 1.0,
     If <g, g_meta> < 0 the component of g along g_meta is removed (scaled by lam); otherwise g is returned
     unchanged. With lam = 1 the result is orthogonal to g_meta in the conflicting case.
     """
-    dot = torch.dot(g.reshape(-1), g_meta.reshape(-1))
-    if dot >= 0:
-        return g
-    return g - lam * dot / (g_meta.pow(2).sum() + eps) * g_meta
+    dot = torch.dot(g.reshape(-1), g_meta.reshape(-1)).clamp(max=0.0)  # 0 when they agree: g unchanged
+    # branch-free, so a training step never waits on the device to decide
+    return g - (lam * dot / (g_meta.pow(2).sum() + eps)) * g_meta
 
 
 def class_logits(features: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Tensor:
@@ -167,13 +166,14 @@ def patch_probability_maps(patches: torch.Tensor, text: torch.Tensor, scale: flo
 
 
 def task_loss(pool: Pool, text: torch.Tensor, scale: float, grid: tuple[int, int], size: tuple[int, int],
-              pixel_weight: float, gamma: float) -> tuple[torch.Tensor, dict[str, float]]:
+              pixel_weight: float, gamma: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Image cross-entropy + pixel focal and dice; the parts come back detached, on the device."""
     image_ce = F.cross_entropy(class_logits(pool.tokens.cls, text, scale), pool.labels)
     maps = patch_probability_maps(pool.tokens.patches, text, scale, grid, size)
     focal = focal_loss(maps, pool.masks, gamma)
     dice = dice_loss(maps, pool.masks)
     loss = image_ce + pixel_weight * (focal + dice)
-    return loss, {"image_ce": image_ce.item(), "focal": focal.item(), "dice": dice.item()}
+    return loss, {"image_ce": image_ce.detach(), "focal": focal.detach(), "dice": dice.detach()}
 
 
 def guidance_loss(pool: Pool, text: torch.Tensor, meta_text: torch.Tensor, scale: float) -> torch.Tensor:
@@ -212,7 +212,7 @@ def build_pool(scorer: Scorer, rng: np.random.Generator, normals: Sequence[np.nd
     """Augmented normal views + OAGM anomalies (each from an augmented view), encoded once."""
     size = scorer.backbone.image_size
     images: list[np.ndarray] = list(extra_normals)
-    masks: list[torch.Tensor] = [torch.zeros(size) for _ in extra_normals]
+    masks: list[torch.Tensor] = [torch.zeros(size) for _ in extra_normals]  # built on the host, moved once
     generators = ["normal"] * len(extra_normals)
     for i in range(n_normal + n_anomalous):
         source = i % len(normals)
@@ -227,7 +227,14 @@ def build_pool(scorer: Scorer, rng: np.random.Generator, normals: Sequence[np.nd
             masks.append(_mask_to_model(synthetic.mask, size))
             generators.append(synthetic.generator)
     labels = torch.tensor([0 if g == "normal" else 1 for g in generators], dtype=torch.long)
-    return Pool(scorer.encode(images), labels, torch.stack(masks), generators)
+    return pool_on_device(scorer, images, labels, torch.stack(masks), generators)
+
+
+def pool_on_device(scorer: Scorer, images: Sequence[np.ndarray], labels: torch.Tensor, masks: torch.Tensor,
+                   generators: list[str]) -> Pool:
+    """Encode ``images`` and keep labels and masks beside the tokens, on the scorer's device."""
+    dev = scorer.backbone.device
+    return Pool(scorer.encode(list(images)), labels.to(dev), masks.to(dev), generators)
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -247,24 +254,41 @@ def _optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.o
     return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _step(learner: PromptLearner, optimizer: torch.optim.Optimizer, batch: Pool, meta_text: torch.Tensor,
-          scorer: Scorer, config: TrainConfig) -> dict[str, float]:
+def step_losses(learner: PromptLearner, batch: Pool, meta_text: torch.Tensor, scorer: Scorer,
+                config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """Forward half of a step: (task loss, guidance loss or None without MPTS, detached parts on the device)."""
     backbone = scorer.backbone
     text = learner()
     loss, parts = task_loss(batch, text, scorer.logit_scale, backbone.grid_size, backbone.image_size,
                             config.pixel_weight, config.focal_gamma)
+    guide = guidance_loss(batch, text, meta_text, scorer.logit_scale) if config.mpts else None
+    return loss, guide, parts
+
+
+def apply_guided_step(optimizer: torch.optim.Optimizer, ctx: torch.nn.Parameter, g_task: torch.Tensor,
+                      g_meta: torch.Tensor, lam: float) -> torch.Tensor:
+    """Set ``ctx.grad`` to the task gradient with its conflict with the meta gradient removed, step; returns
+    1.0 where they conflicted (a device tensor: nothing waits on the device)."""
+    conflict = (torch.dot(g_task.reshape(-1), g_meta.reshape(-1)) < 0).float()
+    ctx.grad = project_conflicting(g_task, g_meta, lam)
+    optimizer.step()
+    return conflict
+
+
+def _step(learner: PromptLearner, optimizer: torch.optim.Optimizer, batch: Pool, meta_text: torch.Tensor,
+          scorer: Scorer, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """One optimiser step; returns the detached loss parts on the device (read once per epoch, not per step)."""
+    loss, guide, parts = step_losses(learner, batch, meta_text, scorer, config)
     optimizer.zero_grad(set_to_none=True)
-    if config.mpts:
-        guide = guidance_loss(batch, text, meta_text, scorer.logit_scale)
+    if guide is not None:
         g_task, = torch.autograd.grad(loss, learner.ctx, retain_graph=True)
         g_meta, = torch.autograd.grad(guide, learner.ctx)
-        conflict = float(torch.dot(g_task.reshape(-1), g_meta.reshape(-1)) < 0)
-        learner.ctx.grad = project_conflicting(g_task, g_meta, config.lam)
-        parts.update(guidance=guide.item(), conflict=conflict)
+        conflict = apply_guided_step(optimizer, learner.ctx, g_task, g_meta, config.lam)
+        parts.update(guidance=guide.detach(), conflict=conflict)
     else:
         loss.backward()
-    optimizer.step()
-    return {"loss": loss.item(), **parts}
+        optimizer.step()
+    return {"loss": loss.detach(), **parts}
 
 
 @torch.no_grad()
@@ -278,8 +302,8 @@ def evaluate_pool(scorer: Scorer, pool: Pool, prompts: PromptSet, config: TrainC
     maps = patch_probability_maps(pool.tokens.patches, text, scorer.logit_scale, grid, size)
     return {
         "loss": loss.item(),
-        "image_auroc": image_auroc(pool.labels.numpy(), scores.cpu().numpy()),
-        "pixel_auroc": pixel_auroc(pool.masks.numpy() > 0.5, maps.cpu().numpy()),
+        "image_auroc": image_auroc(pool.labels.cpu().numpy(), scores.cpu().numpy()),
+        "pixel_auroc": pixel_auroc(pool.masks.cpu().numpy() > 0.5, maps.cpu().numpy()),
     }
 
 
@@ -326,11 +350,12 @@ def train_prompts(
     history: list[dict[str, float]] = []
     stale = 0
     for epoch in range(config.epochs):
-        totals: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         for _ in range(config.steps_per_epoch):
             index = torch.randperm(len(train_pool), generator=generator)[: config.batch_size]
             for key, value in _step(learner, optimizer, train_pool.subset(index), meta_text, scorer, config).items():
-                totals[key] = totals.get(key, 0.0) + value / config.steps_per_epoch
+                sums[key] = sums[key] + value if key in sums else value
+        totals = {key: float(value) / config.steps_per_epoch for key, value in sums.items()}  # one sync an epoch
         val = evaluate_pool(scorer, val_pool, snapshot(), config)
         record = {"epoch": float(epoch), **totals, "val_loss": val["loss"], "val_image_auroc": val["image_auroc"]}
         history.append(record)
@@ -377,8 +402,8 @@ def evaluate_as_served(scorer: Scorer, pool: Pool, prompts: PromptSet) -> dict[s
     """Image and pixel AUROC of a prompt set on a pool, scored as the service scores (the tuner's gate)."""
     scores, maps = score_pool(scorer, pool, prompts)
     return {
-        "image_auroc": image_auroc(pool.labels.numpy(), scores),
-        "pixel_auroc": pixel_auroc(pool.masks.numpy() > 0.5, maps),
+        "image_auroc": image_auroc(pool.labels.cpu().numpy(), scores),
+        "pixel_auroc": pixel_auroc(pool.masks.cpu().numpy() > 0.5, maps),
     }
 
 
@@ -388,9 +413,9 @@ def calibrate_on_pool(scorer: Scorer, pool: Pool, prompts: PromptSet, config: Tr
 
     scores, maps = score_pool(scorer, pool, prompts)
     return calibrate_thresholds(
-        labels=pool.labels.numpy(),
+        labels=pool.labels.cpu().numpy(),
         scores=scores,
-        masks=pool.masks.numpy() > 0.5,
+        masks=pool.masks.cpu().numpy() > 0.5,
         maps=maps,
         rule=config.threshold_rule,
         normal_quantile=config.normal_quantile,

@@ -269,18 +269,28 @@ def border_ring(shape: tuple[int, int], width: int) -> np.ndarray:
 
 
 def feature_saliency(patches: torch.Tensor, grid: tuple[int, int], reference: str = "nearest") -> np.ndarray:
-    """Projected patch tokens [B, N, D] -> distance to the background: float32 [B, Gh, Gw].
+    """Projected patch tokens [B, N, D] -> distance to the background: float32 [B, Gh, Gw] on the host.
+
+    See `feature_saliency_tensor` (which stays on the tokens' device)."""
+    return feature_saliency_tensor(patches, grid, reference).cpu().numpy().astype(np.float32)
+
+
+def feature_saliency_tensor(patches: torch.Tensor, grid: tuple[int, int], reference: str = "nearest") -> torch.Tensor:
+    """Projected patch tokens [B, N, D] -> distance to the background [B, Gh, Gw], on the tokens' device.
 
     Background = the border patches, without the 25 % farthest from their mean (object parts touching the
     border). ``reference="mean"``: ``1 - cos(patch, mean of those)``; ``"nearest"`` (default):
     ``1 - max cos(patch, any of those)``, which also keeps textures flat (every texture patch has a look-alike
     on the border, an object patch has none).
     """
+    if reference not in ("nearest", "mean"):
+        raise ConfigError(f"reference must be 'nearest' or 'mean', got {reference!r}")
     gh, gw = grid
+    dev = patches.device
     feats = F.normalize(patches.float(), dim=-1).reshape(patches.shape[0], gh, gw, -1)
     b = feats.shape[0]
     flat = feats.reshape(b, gh * gw, -1)
-    ring_index = torch.from_numpy(np.flatnonzero(border_ring((gh, gw), 1)))  # [R] flat patch indices
+    ring_index = torch.from_numpy(np.flatnonzero(border_ring((gh, gw), 1))).to(dev)  # [R] flat patch indices
     chosen = ring_index.expand(b, -1)  # [B, R]
     border = flat[:, ring_index]  # [B, R, D]
     proto = F.normalize(border.mean(dim=1), dim=-1)  # [B, D]
@@ -293,15 +303,13 @@ def feature_saliency(patches: torch.Tensor, grid: tuple[int, int], reference: st
         proto = F.normalize(border.mean(dim=1), dim=-1)
     if reference == "mean":
         sal = 1.0 - torch.einsum("bnd,bd->bn", flat, proto)
-    elif reference == "nearest":
+    else:
         sims = torch.einsum("bnd,brd->bnr", flat, border)  # [B, N, R]
         # leave one out: a reference patch is compared with the *other* references, not with itself
-        rows = torch.arange(b)[:, None]
-        sims[rows, chosen, torch.arange(chosen.shape[1])[None, :]] = -1.0
+        rows = torch.arange(b, device=dev)[:, None]
+        sims[rows, chosen, torch.arange(chosen.shape[1], device=dev)[None, :]] = -1.0
         sal = 1.0 - sims.amax(dim=-1)
-    else:
-        raise ConfigError(f"reference must be 'nearest' or 'mean', got {reference!r}")
-    return sal.clamp_(min=0.0).reshape(b, gh, gw).cpu().numpy().astype(np.float32)
+    return sal.clamp_(min=0.0).reshape(b, gh, gw)
 
 
 def last_block_input(scorer: Scorer, pixels: torch.Tensor) -> torch.Tensor:

@@ -85,7 +85,9 @@ class PromptSet:
         tf = self.text_features
         if tf.ndim != 2 or tf.shape[0] != 2:
             raise ConfigError(f"text_features must be [2, D] (normal, anomalous); got {tuple(tf.shape)}")
-        if not torch.isfinite(tf).all():
+        # checked where sets are born (artifacts, training, zero-shot: all on the host); a device copy made by
+        # `to` is not checked again, which would wait on the device
+        if tf.device.type == "cpu" and not torch.isfinite(tf).all():
             raise ConfigError("text_features contain NaN or Inf")
         if self.memory is not None and (self.memory.ndim != 2 or self.memory.shape[1] != tf.shape[1]):
             raise ConfigError(f"memory must be [M, {tf.shape[1]}]; got {tuple(self.memory.shape)}")

@@ -30,11 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from hpad.attention import ImageTokens, LAAConfig, LocalityAwareEncoder
-from hpad.backbone import Backbone
+from hpad.backbone import MAX_LOGIT_SCALE, Backbone
 from hpad.errors import ConfigError, FrameError
+from hpad.masks import PackedMask
 from hpad.prompts import ANOMALOUS, PromptSet, zero_shot_prompt_set
-
-MAX_LOGIT_SCALE = 100.0
 
 
 @dataclass(frozen=True)
@@ -101,25 +100,69 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.pad(out, (0, 0, pad, pad), mode="reflect"), kernel.view(1, 1, -1, 1))
 
 
+def patch_maps(patch_scores: torch.Tensor, grid: tuple[int, int], model_size: tuple[int, int],
+               sigma: float) -> torch.Tensor:
+    """patch_scores [B, N] -> smoothed maps [B, S, S] at model resolution (on the scores' device)."""
+    maps = patch_scores.float().reshape(-1, 1, grid[0], grid[1])
+    maps = F.interpolate(maps, size=model_size, mode="bilinear", align_corners=False)
+    return gaussian_blur(maps, sigma)[:, 0]
+
+
+def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """maps [B, S, S] -> [B, H, W] in [0, 1] (bilinear; unchanged when already at ``size``)."""
+    if tuple(maps.shape[-2:]) != tuple(size):
+        maps = F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    return maps.clamp(0.0, 1.0)
+
+
+def maps_to_frames(maps: torch.Tensor, frame_sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    """maps [B, S, S] on any device -> B float32 arrays at each frame's (H, W); one copy per distinct size."""
+    out: list[np.ndarray | None] = [None] * len(frame_sizes)
+    for size, indices in _groups(frame_sizes).items():
+        host = resize_maps(maps[indices], size).cpu().numpy()
+        for row, index in enumerate(indices):
+            out[index] = host[row]
+    return out  # type: ignore[return-value]
+
+
 def patch_maps_to_frames(
     patch_scores: torch.Tensor, grid: tuple[int, int], model_size: tuple[int, int], sigma: float,
     frame_sizes: Sequence[tuple[int, int]],
 ) -> list[np.ndarray]:
     """patch_scores [B, N] -> B maps at each frame's (H, W), smoothed at model resolution."""
-    maps = patch_scores.float().reshape(-1, 1, grid[0], grid[1])
-    maps = F.interpolate(maps, size=model_size, mode="bilinear", align_corners=False)
-    maps = gaussian_blur(maps, sigma)
-    out: list[np.ndarray] = []
-    for index, size in enumerate(frame_sizes):
-        one = maps[index : index + 1]
-        if tuple(size) != tuple(model_size):
-            one = F.interpolate(one, size=tuple(size), mode="bilinear", align_corners=False)
-        out.append(one[0, 0].clamp_(0.0, 1.0).cpu().numpy())
-    return out
+    return maps_to_frames(patch_maps(patch_scores, grid, model_size, sigma), frame_sizes)
 
 
-def frame_to_chw(frame: np.ndarray) -> torch.Tensor:
-    """uint8 HxW / HxWx1 / HxWx3 / HxWx4 -> uint8 tensor [3, H, W] (grayscale replicated, alpha dropped)."""
+def pack_mask_bits(maps: torch.Tensor, size: tuple[int, int], threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """maps [B, S, S] -> binary masks (map at ``size`` >= threshold) packed 8 pixels a byte, most significant
+    bit first, each row padded to whole bytes (the row layout of a 1-bit PNG): ([B, H, ceil(W/8)] uint8,
+    [B] int64 anomalous-pixel counts). Runs on the maps' device, so only the bits cross to the host."""
+    binary = resize_maps(maps, size) >= threshold  # [B, H, W]
+    counts = binary.sum(dim=(1, 2))
+    width = binary.shape[-1]
+    pad = (-width) % 8
+    if pad:
+        binary = F.pad(binary, (0, pad))
+    weights = (1 << torch.arange(7, -1, -1, device=maps.device)).to(torch.uint8)  # 128 ... 1, made on the device
+    groups = binary.reshape(*binary.shape[:-1], -1, 8).to(torch.uint8)  # [B, H, W/8, 8]
+    return (groups * weights).sum(dim=-1, dtype=torch.uint8), counts
+
+
+def _groups(sizes: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], list[int]]:
+    """Indices of equal sizes, in first-seen order."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, size in enumerate(sizes):
+        groups.setdefault(tuple(size), []).append(index)
+    return groups
+
+
+def frame_to_chw(frame: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 HxW / HxWx1 / HxWx3 / HxWx4 array -> uint8 tensor [3, H, W] (grayscale replicated, alpha dropped),
+    a view of the array's memory. A uint8 [3, H, W] tensor (e.g. decoded on the GPU) passes through."""
+    if isinstance(frame, torch.Tensor):
+        if frame.dtype != torch.uint8 or frame.ndim != 3 or frame.shape[0] != 3 or min(frame.shape[1:]) < 1:
+            raise FrameError("bad_image", f"expected a uint8 [3, H, W] tensor, got {frame.dtype} {tuple(frame.shape)}")
+        return frame
     if not isinstance(frame, np.ndarray):
         raise FrameError("bad_image", f"expected a numpy array, got {type(frame).__name__}")
     if frame.dtype != np.uint8:
@@ -134,6 +177,70 @@ def frame_to_chw(frame: np.ndarray) -> torch.Tensor:
     return tensor[:3]
 
 
+def to_device_batch(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Equal-size uint8 [3, H, W] frames -> one uint8 [B, 3, H, W] batch on ``device``.
+
+    For an accelerator the frames are stacked channels-last (a plain copy of each array) into pinned host
+    memory and copied without blocking, so the copy overlaps the device's work; the layout change to
+    [B, 3, H, W] is a view on the device. Frames already on ``device`` are stacked there.
+    """
+    if device.type == "cpu" or all(t.device == device for t in tensors):
+        return torch.stack([t.to(device) for t in tensors])
+    hwc = [t.permute(1, 2, 0) for t in tensors]  # the array's own layout: contiguous for RGB input
+    staged = torch.empty((len(hwc), *hwc[0].shape), dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+    torch.stack(hwc, out=staged)
+    return staged.to(device, non_blocking=True).permute(0, 3, 1, 2)
+
+
+def resize_frames(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float32 [B, 3, S, S] in 0..255, antialiased bilinear (whole frame, no crop).
+
+    On the CPU the resize runs on uint8, as PIL does (about 15x faster than on float there); PyTorch has no
+    CUDA kernel for antialiased resampling of integers, so on any other device it runs in float32 (values
+    then differ from the CPU's by the CPU's rounding to integers, at most 0.5 of 255).
+    """
+    if tuple(batch.shape[-2:]) == tuple(size):
+        return batch.float()
+    if batch.device.type == "cpu":
+        return F.interpolate(batch, size=size, mode="bilinear", antialias=True, align_corners=False).float()
+    return F.interpolate(batch.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+class ScoreTensors(NamedTuple):
+    """One scored batch, still on the scorer's device. ``pred_score`` [B] float32 in [0, 1]; ``maps``
+    [B, S, S] float32 smoothed anomaly maps at the model's input size (not yet resized to the frames)."""
+
+    pred_score: torch.Tensor
+    maps: torch.Tensor
+
+
+@dataclass
+class ScoredBatch:
+    """What the service keeps of a scored batch: scores on the host, maps on the device until needed.
+
+    ``sizes``: each frame's output (H, W). Full-size maps and masks are made only for the frames that need
+    them (`anomaly_maps`, `masks`), on the device, so a GPU copies back bits instead of float maps.
+    """
+
+    pred_score: np.ndarray
+    maps: torch.Tensor
+    sizes: list[tuple[int, int]]
+
+    def anomaly_maps(self) -> list[np.ndarray]:
+        return maps_to_frames(self.maps, self.sizes)
+
+    def masks(self, indices: Sequence[int], threshold: float) -> dict[int, PackedMask]:
+        """Binary masks (map >= threshold) of frames ``indices`` at their sizes, packed as 1-bit PNG rows."""
+        out: dict[int, PackedMask] = {}
+        for size, group in _groups([self.sizes[i] for i in indices]).items():
+            chosen = [indices[j] for j in group]
+            bits, counts = pack_mask_bits(self.maps[chosen], size, threshold)
+            bits_host, counts_host = bits.cpu().numpy(), counts.cpu().numpy()
+            for row, index in enumerate(chosen):
+                out[index] = PackedMask(bits_host[row], width=size[1], height=size[0], count=int(counts_host[row]))
+        return out
+
+
 # ----------------------------------------------------------------------------------------------- scorer
 
 
@@ -144,8 +251,7 @@ class Scorer:
         self.backbone = backbone
         self.config = config or ScorerConfig()
         self.encoder = LocalityAwareEncoder(backbone.model.visual, self.config.laa)
-        scale = float(backbone.model.logit_scale.exp().float().clamp(max=MAX_LOGIT_SCALE))
-        self.logit_scale = scale
+        self.logit_scale = min(float(backbone.logit_scale), MAX_LOGIT_SCALE)
         dev = backbone.device
         self._mean = torch.tensor(backbone.mean, device=dev).view(1, 3, 1, 1)
         self._std = torch.tensor(backbone.std, device=dev).view(1, 3, 1, 1)
@@ -192,19 +298,16 @@ class Scorer:
         """Frames (arrays, or uint8 [3, H, W] tensors from `frame_to_chw`) -> normalised [B, 3, S, S]."""
         size = self.backbone.image_size
         dev = self.backbone.device
-        out = torch.empty((len(frames), 3, *size), device=dev, dtype=torch.float32)
-        groups: dict[tuple[int, int], list[int]] = {}
-        tensors = [f if isinstance(f, torch.Tensor) else frame_to_chw(f) for f in frames]
-        for index, tensor in enumerate(tensors):
-            groups.setdefault(tuple(tensor.shape[1:]), []).append(index)
-        for hw, indices in groups.items():
-            batch = torch.stack([tensors[i] for i in indices]).to(dev, non_blocking=True)
-            if hw != tuple(size):
-                # antialiased bilinear on uint8 (as PIL resizes): ~15x faster than on float on CPU
-                batch = F.interpolate(batch, size=size, mode="bilinear", antialias=True, align_corners=False)
-            out[indices] = batch.float()
-        out = (out / 255.0 - self._mean) / self._std
-        return out.to(self.backbone.dtype)
+        tensors = [frame_to_chw(f) for f in frames]
+        groups = _groups([tuple(t.shape[1:]) for t in tensors])
+        parts = [resize_frames(to_device_batch([tensors[i] for i in idx], dev), size) for idx in groups.values()]
+        if len(parts) == 1:
+            out = parts[0]
+        else:
+            out = torch.empty((len(tensors), 3, *size), device=dev, dtype=torch.float32)
+            for indices, part in zip(groups.values(), parts, strict=True):
+                out[indices] = part
+        return ((out / 255.0 - self._mean) / self._std).to(self.backbone.dtype)
 
     @torch.inference_mode()
     def encode(self, frames: Sequence[np.ndarray | torch.Tensor]) -> ImageTokens:
@@ -214,6 +317,8 @@ class Scorer:
             tokens = self.encoder(self.preprocess(frames[start : start + self.config.max_batch]))
             cls_parts.append(tokens.cls.float())
             patch_parts.append(tokens.patches.float())
+        if len(cls_parts) == 1:
+            return ImageTokens(cls=cls_parts[0], patches=patch_parts[0])
         return ImageTokens(cls=torch.cat(cls_parts), patches=torch.cat(patch_parts))
 
     def build_memory(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
@@ -224,10 +329,8 @@ class Scorer:
         return F.normalize(patches.reshape(-1, patches.shape[-1]), dim=-1).cpu()
 
     @torch.inference_mode()
-    def score_tokens(
-        self, tokens: ImageTokens, frame_sizes: Sequence[tuple[int, int]], prompts: PromptSet
-    ) -> ScoreResult:
-        """Projected tokens of a batch -> ScoreResult at each frame's size."""
+    def score_tensors(self, tokens: ImageTokens, prompts: PromptSet) -> ScoreTensors:
+        """Projected tokens of a batch -> scores and model-size maps on the device (no host sync)."""
         text = prompts.text_features
         image_score = anomaly_probability(tokens.cls, text, self.logit_scale)  # [B]
         patch_score = anomaly_probability(tokens.patches, text, self.logit_scale)  # [B, N]
@@ -236,20 +339,44 @@ class Scorer:
             distance = memory_distance(tokens.patches, prompts.memory)
             patch_score = (1.0 - w) * patch_score + w * distance
             image_score = (1.0 - w) * image_score + w * distance.amax(dim=1)
-        maps = patch_maps_to_frames(
-            patch_score, self.backbone.grid_size, self.backbone.image_size, self.config.sigma, frame_sizes
-        )
-        return ScoreResult(pred_score=image_score.clamp(0.0, 1.0).cpu().numpy().astype(np.float32), anomaly_map=maps)
+        maps = patch_maps(patch_score, self.backbone.grid_size, self.backbone.image_size, self.config.sigma)
+        return ScoreTensors(pred_score=image_score.clamp(0.0, 1.0), maps=maps)
 
-    # -------------------------------------------------------------------------------- public entry point
-    def score(self, frames: Sequence[np.ndarray], prompts: PromptSet | None = None) -> ScoreResult:
-        """Score a batch of uint8 frames (any sizes) with ``prompts`` (default: the scorer's own set)."""
+    @torch.inference_mode()
+    def mask_tensors(self, maps: torch.Tensor, size: tuple[int, int], threshold: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model-size maps [B, S, S] -> packed binary masks at ``size`` and their pixel counts, on the device."""
+        return pack_mask_bits(maps, size, threshold)
+
+    def score_tokens(
+        self, tokens: ImageTokens, frame_sizes: Sequence[tuple[int, int]], prompts: PromptSet
+    ) -> ScoreResult:
+        """Projected tokens of a batch -> ScoreResult at each frame's size."""
+        scored = self.score_tensors(tokens, prompts)
+        return ScoreResult(pred_score=scored.pred_score.cpu().numpy().astype(np.float32),
+                           anomaly_map=maps_to_frames(scored.maps, frame_sizes))
+
+    # -------------------------------------------------------------------------------- public entry points
+    def score_batch(self, frames: Sequence[np.ndarray | torch.Tensor], prompts: PromptSet | None = None,
+                    sizes: Sequence[tuple[int, int]] | None = None) -> ScoredBatch:
+        """Score frames (any sizes); maps stay on the device. ``sizes``: each frame's output (H, W), e.g. the
+        full size of a frame decoded at reduced scale (default: the frame's own size)."""
         active = prompts if prompts is not None else self.prompts
         if active is None:
             raise ConfigError("no prompt set: pass prompts= or build the scorer with Scorer.zero_shot(...)")
         active = self.check_prompts(active)
-        if len(frames) == 0:
-            return ScoreResult(pred_score=np.zeros(0, dtype=np.float32), anomaly_map=[])
         tensors = [frame_to_chw(frame) for frame in frames]  # validates every frame before any work
-        sizes = [(int(t.shape[1]), int(t.shape[2])) for t in tensors]
-        return self.score_tokens(self.encode(tensors), sizes, active)
+        own = [(int(t.shape[1]), int(t.shape[2])) for t in tensors]
+        if sizes is not None and len(sizes) != len(tensors):
+            raise ConfigError(f"got {len(sizes)} output sizes for {len(tensors)} frames")
+        out_sizes = [tuple(int(v) for v in s) for s in sizes] if sizes is not None else own
+        if not tensors:
+            return ScoredBatch(np.zeros(0, dtype=np.float32), torch.zeros(0, *self.backbone.image_size), [])
+        scored = self.score_tensors(self.encode(tensors), active)
+        return ScoredBatch(scored.pred_score.cpu().numpy().astype(np.float32), scored.maps, out_sizes)
+
+    def score(self, frames: Sequence[np.ndarray | torch.Tensor], prompts: PromptSet | None = None,
+              sizes: Sequence[tuple[int, int]] | None = None) -> ScoreResult:
+        """Score a batch of uint8 frames (any sizes) with ``prompts`` (default: the scorer's own set)."""
+        scored = self.score_batch(frames, prompts, sizes)
+        return ScoreResult(pred_score=scored.pred_score, anomaly_map=scored.anomaly_maps())

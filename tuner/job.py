@@ -26,7 +26,15 @@ import torch
 
 from hpad.artifact import PromptArtifact
 from hpad.errors import ConfigError
-from hpad.mpts import Pool, TrainConfig, TrainResult, build_pool, evaluate_as_served, train_prompts
+from hpad.mpts import (
+    Pool,
+    TrainConfig,
+    TrainResult,
+    build_pool,
+    evaluate_as_served,
+    pool_on_device,
+    train_prompts,
+)
 from hpad.oagm import object_masks
 from hpad.prompts import PromptSet
 from hpad.scorer import Scorer
@@ -114,8 +122,8 @@ def encode_labelled(scorer: Scorer, images: Sequence[np.ndarray], masks: Sequenc
         (F.interpolate(torch.from_numpy(m.astype(np.float32))[None, None], size=size, mode="area")[0, 0] > 0.5).float()
         for m in masks
     ]
-    return Pool(scorer.encode(list(images)), torch.ones(len(images), dtype=torch.long), torch.stack(resized),
-                ["labelled"] * len(images))
+    return pool_on_device(scorer, images, torch.ones(len(images), dtype=torch.long), torch.stack(resized),
+                          ["labelled"] * len(images))
 
 
 def tune_category(
