@@ -151,10 +151,21 @@ class LocalityAwareEncoder:
         return self._mask
 
     def _allowed_mask(self, like: torch.Tensor) -> torch.Tensor:
-        """Boolean SDPA mask (True = may attend) on ``like``'s device."""
-        if self._allowed is None or self._allowed.device != like.device:
-            self._allowed = ~locality_blocked(self.grid[0], self.grid[1], self.config.radius).to(like.device)
-        return self._allowed
+        """SDPA mask on ``like``'s device. CPU: boolean (True = may attend). Elsewhere: additive (0 / -inf) in
+        ``like``'s dtype, rows padded to a multiple of 16 elements (a view of the first 1+N columns), the
+        layout CUDA's memory-efficient attention kernel takes as it is (a boolean or unaligned mask is
+        converted and padded again in every block of every batch)."""
+        mask = self._allowed
+        if mask is None or mask.device != like.device or (like.device.type != "cpu" and mask.dtype != like.dtype):
+            blocked = locality_blocked(self.grid[0], self.grid[1], self.config.radius).to(like.device)
+            if like.device.type == "cpu":
+                mask = ~blocked
+            else:
+                length = blocked.shape[-1]
+                storage = torch.zeros(length, -(-length // 16) * 16, dtype=like.dtype, device=like.device)
+                mask = storage[:, :length].masked_fill_(blocked, float("-inf"))
+            self._allowed = mask
+        return mask
 
     def block_forward(self, index: int, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """One transformer block; LAA-masked when ``index`` is among the last ``layers`` blocks."""

@@ -255,6 +255,7 @@ class Scorer:
         dev = backbone.device
         self._mean = torch.tensor(backbone.mean, device=dev).view(1, 3, 1, 1)
         self._std = torch.tensor(backbone.std, device=dev).view(1, 3, 1, 1)
+        self._device_copy: tuple[PromptSet, PromptSet] | None = None  # last host set moved to the device
         self.prompts = self.check_prompts(prompts) if prompts is not None else None
 
     # -------------------------------------------------------------------------------- construction helpers
@@ -291,7 +292,12 @@ class Scorer:
             prompts.memory is None or prompts.memory.device == self.backbone.device
         ):
             return prompts
-        return prompts.to(self.backbone.device)
+        cached = self._device_copy
+        if cached is not None and cached[0] is prompts:  # the same host set, batch after batch
+            return cached[1]
+        moved = prompts.to(self.backbone.device)
+        self._device_copy = (prompts, moved)
+        return moved
 
     # -------------------------------------------------------------------------------- stages
     def preprocess(self, frames: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
@@ -299,7 +305,8 @@ class Scorer:
         size = self.backbone.image_size
         dev = self.backbone.device
         tensors = [frame_to_chw(f) for f in frames]
-        groups = _groups([tuple(t.shape[1:]) for t in tensors])
+        # equal sizes batch together; frames already on the device (decoded there) apart from host arrays
+        groups = _groups([(*t.shape[1:], t.device.type) for t in tensors])
         parts = [resize_frames(to_device_batch([tensors[i] for i in idx], dev), size) for idx in groups.values()]
         if len(parts) == 1:
             out = parts[0]

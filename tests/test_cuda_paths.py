@@ -60,9 +60,18 @@ def test_preprocess_resizes_on_cuda(fake, fake_scorer):
     assert tuple(pixels.shape) == (5, 3, *size) and pixels.dtype == fake.backbone.dtype
 
 
+def test_preprocess_mixes_device_decoded_and_host_frames(fake, fake_scorer):
+    """gpu_decode: JPEGs arrive decoded on the device, PNGs of the same size as host arrays, in one batch."""
+    on_device = torch.zeros(3, 50, 70, dtype=torch.uint8, device="cuda")
+    pixels = fake_scorer.preprocess([on_device, *_frames(2, (50, 70, 3)), on_device])
+    assert is_fake_cuda(pixels) and tuple(pixels.shape) == (4, 3, *fake.backbone.image_size)
+
+
 def test_laa_encoder_and_scoring_on_cuda(fake, fake_scorer):
     tokens = fake_scorer.encoder(fake_scorer.preprocess(_frames(2, (64, 48, 3))))
     assert is_fake_cuda(tokens.cls) and is_fake_cuda(tokens.patches)
+    mask = fake_scorer.encoder._allowed  # the LAA mask as CUDA's memory-efficient attention takes it
+    assert is_fake_cuda(mask) and mask.dtype == fake.backbone.dtype and mask.stride(0) % 16 == 0
     prompts = fake_scorer.check_prompts(fake_scorer.prompts)
     scores = fake_scorer.score_tensors(tokens, prompts)
     assert is_fake_cuda(scores.pred_score) and is_fake_cuda(scores.maps)
@@ -124,3 +133,20 @@ def test_tuner_labelled_pool_on_cuda(fake, fake_scorer):
     masks = [np.zeros((40, 56), bool), np.ones((40, 56), bool)]
     pool = encode_labelled(fake_scorer, images, masks)
     assert all(is_fake_cuda(t) for t in (pool.tokens.cls, pool.labels, pool.masks))
+
+
+def test_padded_additive_laa_mask_equals_the_boolean_one(tiny_backbone):
+    """The mask layout used off the CPU (additive, rows padded to 16) gives the CPU's boolean-mask result."""
+    from hpad.attention import locality_blocked, masked_block_forward
+
+    visual = tiny_backbone.model.visual
+    block = visual.transformer.resblocks[-1]
+    grid = tuple(visual.grid_size)
+    blocked = locality_blocked(grid[0], grid[1], 1)
+    length = blocked.shape[-1]
+    storage = torch.zeros(length, -(-length // 16) * 16)
+    additive = storage[:, :length].masked_fill_(blocked, float("-inf"))
+    x = torch.randn(3, length, visual.transformer.width, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(masked_block_forward(block, x, additive), masked_block_forward(block, x, ~blocked),
+                                   atol=1e-5, rtol=1e-5)
