@@ -5,14 +5,24 @@ dozen bytes; nothing is decompressed), so a decompression bomb (a small file dec
 pixels) is refused by `check_dimensions` instead of being decoded. `decode_frame` then decodes with OpenCV
 (which releases the GIL, so a small thread pool decodes in parallel with the model) to uint8 RGB
 [H, W, 3], or reshapes raw pixels, and checks that the result has the size the header promised.
+
+Decoding at the scale the model needs: the model sees every frame resized to its input size (240 px for
+ViT-B-16-plus-240), so a JPEG is decoded in the DCT domain at the smallest 1/2, 1/4 or 1/8 scale that
+keeps both sides at or above that size (`jpeg_scale`; libjpeg's scaled IDCT, OpenCV ``IMREAD_REDUCED_*``):
+a 900x900 JPEG decodes at 450x450 in about a quarter of the time. The frame's size in events, maps and
+masks stays the one in its header. PNG and raw frames are decoded at full size (PNG has no such shortcut).
+`decode_jpeg_batch` decodes JPEGs on a GPU with nvJPEG (torchvision) when the scorer runs there.
 """
 
 from __future__ import annotations
 
 import struct
+import warnings
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
+import torch
 
 from consumers.contract import ContentType, FrameMeta, Limits
 from hpad.errors import FrameError
@@ -22,7 +32,12 @@ JPEG_SOI = b"\xff\xd8"
 # start-of-frame markers that carry the image size (baseline, progressive, lossless, arithmetic...)
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0-7: no length field
-_DECODE_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+# torchvision >= 0.29 warns on every decode_jpeg call that its codecs move to TorchCodec; nvJPEG through
+# torchvision is what runs on the GPU images (torchvision 0.26 there), so the warning is silenced here only
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+_REDUCED_FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+                  8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -114,19 +129,71 @@ def check_png_chunks(data: bytes) -> None:
         pos += 12 + length
 
 
-def decode_frame(meta: FrameMeta, data: bytes, size: tuple[int, int]) -> np.ndarray:
-    """Bytes -> uint8 pixels ([H, W, 3] RGB for JPEG/PNG, [H, W, C] for raw); must match ``size`` (W, H)."""
-    if meta.content_type.kind == "raw":
+def jpeg_scale(size: tuple[int, int], target: tuple[int, int] | None) -> int:
+    """The largest DCT scale divisor (1, 2, 4 or 8) that keeps a (width, height) JPEG at or above ``target``
+    (height, width, the model's input size) on both sides; 1 when ``target`` is None (full-size decoding)."""
+    if target is None:
+        return 1
+    width, height = size
+    for scale in (8, 4, 2):
+        if -(-width // scale) >= target[1] and -(-height // scale) >= target[0]:
+            return scale
+    return 1
+
+
+def scaled_size(size: tuple[int, int], scale: int) -> tuple[int, int]:
+    """(width, height) of a JPEG decoded at 1/``scale`` (libjpeg rounds up)."""
+    return -(-size[0] // scale), -(-size[1] // scale)
+
+
+def decode_frame(meta: FrameMeta, data: bytes, size: tuple[int, int],
+                 target: tuple[int, int] | None = None) -> np.ndarray:
+    """Bytes -> uint8 pixels ([H, W, 3] RGB for JPEG/PNG, [H, W, C] for raw); must match ``size`` (W, H).
+
+    ``target`` (height, width): the model's input size; a JPEG is then decoded at the smallest DCT scale
+    still at or above it (`jpeg_scale`), and must match ``size`` scaled the same way.
+    """
+    kind = meta.content_type.kind
+    if kind == "raw":
         return decode_raw(meta.content_type, data)
-    if meta.content_type.kind == "png":
+    if kind == "png":
         check_png_chunks(data)
+    scale = jpeg_scale(size, target) if kind == "jpeg" else 1
+    flags = _REDUCED_FLAGS[scale] | cv2.IMREAD_IGNORE_ORIENTATION
     try:
-        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _DECODE_FLAGS)
+        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
     except cv2.error as exc:  # OpenCV refuses some malformed inputs with an exception instead of None
-        raise FrameError("undecodable", f"OpenCV cannot decode the {meta.content_type.kind.upper()}: {exc}") from None
+        raise FrameError("undecodable", f"OpenCV cannot decode the {kind.upper()}: {exc}") from None
     if bgr is None:
-        raise FrameError("undecodable", f"{meta.content_type.kind.upper()} data cannot be decoded (corrupt or truncated)")
-    if (bgr.shape[1], bgr.shape[0]) != size:
-        raise FrameError("undecodable", f"decoded {bgr.shape[1]}x{bgr.shape[0]} pixels but the header says "
+        raise FrameError("undecodable", f"{kind.upper()} data cannot be decoded (corrupt or truncated)")
+    expected = scaled_size(size, scale)
+    if (bgr.shape[1], bgr.shape[0]) != expected:
+        at = f" at 1/{scale} scale" if scale > 1 else ""
+        raise FrameError("undecodable", f"decoded {bgr.shape[1]}x{bgr.shape[0]} pixels{at} but the header says "
                          f"{size[0]}x{size[1]}")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def decode_jpeg_batch(data: Sequence[bytes], sizes: Sequence[tuple[int, int]], device: torch.device
+                      ) -> list[torch.Tensor | FrameError]:
+    """JPEG bytes -> uint8 RGB [3, H, W] tensors on ``device`` (nvJPEG on CUDA, libjpeg on the CPU), one call
+    for the batch. A batch the decoder refuses is decoded frame by frame, so one corrupt frame costs only
+    itself: its slot holds the `FrameError`. Each result must have its header's (width, height)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    buffers = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
+    try:
+        decoded: list[torch.Tensor | FrameError] = list(
+            decode_jpeg(buffers, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:
+        decoded = []
+        for buffer in buffers:
+            try:
+                decoded.append(decode_jpeg(buffer, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError as exc:
+                decoded.append(FrameError("undecodable", f"JPEG data cannot be decoded: {str(exc)[:200]}"))
+    for index, (image, size) in enumerate(zip(decoded, sizes, strict=True)):
+        if isinstance(image, torch.Tensor) and (image.shape[2], image.shape[1]) != tuple(size):
+            decoded[index] = FrameError("undecodable", f"decoded {image.shape[2]}x{image.shape[1]} pixels but the "
+                                        f"header says {size[0]}x{size[1]}")
+    return decoded

@@ -2,7 +2,7 @@
 
 Event fields are documented in ``README.md`` and pinned by
 ``consumers/schemas/event.schema.json``. Masks are binary PNGs at the frame's own size
-(`hpad.masks.encode_mask_png`), base64 in the JSON. A dead letter is the original record (key, value,
+(`hpad.masks.encode_packed_mask_png`), base64 in the JSON. A dead letter is the original record (key, value,
 headers) plus ``hpad-*`` headers naming the reason; its layout is pinned by
 ``consumers/schemas/dead_letter_headers.schema.json``. Pure functions, no Kafka.
 """
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from consumers import contract as c
-from hpad.masks import encode_mask_png
+from hpad.masks import PackedMask, encode_packed_mask_png
 
 EVENT_SCHEMA_VERSION = 1
 MASK_ENCODING = "png-1bit-base64"
@@ -62,18 +62,26 @@ class Scored:
     prompt_sha256: str
 
 
-def mask_field(anomaly_map: np.ndarray, pixel_threshold: float) -> dict[str, Any]:
-    """Binary mask (map >= pixel threshold) at the frame's size -> the event's ``mask`` object."""
-    binary = anomaly_map >= pixel_threshold
-    height, width = binary.shape
+def wants_mask(policy: str, score: float, threshold: float) -> bool:
+    """Whether an event carries a mask under ``policy`` (anomalous, always, never)."""
+    return policy == "always" or (policy == "anomalous" and score >= threshold)
+
+
+def packed_mask_field(mask: PackedMask, pixel_threshold: float) -> dict[str, Any]:
+    """A binary mask at the frame's size (packed rows, see `hpad.masks.PackedMask`) -> the event's ``mask``."""
     return {
         "encoding": MASK_ENCODING,
-        "width": int(width),
-        "height": int(height),
+        "width": int(mask.width),
+        "height": int(mask.height),
         "pixel_threshold": float(pixel_threshold),
-        "anomalous_pixels": int(binary.sum()),
-        "data": base64.b64encode(encode_mask_png(binary)).decode("ascii"),
+        "anomalous_pixels": int(mask.count),
+        "data": base64.b64encode(encode_packed_mask_png(mask)).decode("ascii"),
     }
+
+
+def mask_field(anomaly_map: np.ndarray, pixel_threshold: float) -> dict[str, Any]:
+    """Binary mask (map >= pixel threshold) of a float map at the frame's size -> the event's ``mask``."""
+    return packed_mask_field(PackedMask.from_bool(anomaly_map >= pixel_threshold), pixel_threshold)
 
 
 def build_event(

@@ -36,13 +36,14 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from consumers import contract as c
 from consumers import events as ev
-from consumers.decode import decode_frame, inspect_frame
+from consumers.decode import decode_frame, decode_jpeg_batch, inspect_frame
 from consumers.delivery import Deliverer, Output, OutputDeliveryError
 from consumers.metrics import WorkerMetrics
 from consumers.normals import NormalsSampler
 from consumers.offsets import OffsetBook
 from consumers.prompt_provider import PromptProvider, PromptSnapshot
 from hpad.errors import FrameError
+from hpad.masks import PackedMask
 from hpad.prompts import PromptSet
 from hpad.scorer import Scorer
 
@@ -62,16 +63,17 @@ class FrameItem:
     size: tuple[int, int] | None = None  # (width, height) from the image header
     error: FrameError | None = None
     decoding: Future | None = None
-    pixels: np.ndarray | None = None
+    encoded: bytes | None = None  # a JPEG left for the scorer's device to decode (gpu_decode)
+    pixels: np.ndarray | torch.Tensor | None = None
     decode_s: float = 0.0
     infer_start: float = 0.0
     infer_s: float = 0.0
     scored: ev.Scored | None = None
-    anomaly_map: np.ndarray | None = None
+    mask: PackedMask | None = None  # at the frame's full size, only when the mask policy wants it
     batch_id: str = ""
 
     def fail(self, error: FrameError) -> None:
-        self.error, self.pixels, self.anomaly_map = error, None, None
+        self.error, self.pixels, self.encoded, self.mask = error, None, None, None
 
     @property
     def source(self) -> tuple[str, int, int]:
@@ -99,15 +101,18 @@ class PipelineConfig:
     exactly_once: bool = False
     pipeline_depth: int = 2
     decode_threads: int = 2
+    decode_scale: str = "auto"  # "auto": JPEG decoded at the smallest DCT scale >= the model's input size
+    gpu_decode: bool = False  # JPEG decoded on the scorer's device (nvJPEG)
     oom_retries: int = 3
     retry_backoff_s: float = 0.2
     retry_backoff_max_s: float = 10.0
     flush_timeout_s: float = 30.0
 
 
-def _timed_decode(meta: c.FrameMeta, data: bytes, size: tuple[int, int]) -> tuple[np.ndarray, float]:
+def _timed_decode(meta: c.FrameMeta, data: bytes, size: tuple[int, int],
+                  target: tuple[int, int] | None = None) -> tuple[np.ndarray, float]:
     start = time.perf_counter()
-    pixels = decode_frame(meta, data, size)
+    pixels = decode_frame(meta, data, size, target)
     return pixels, time.perf_counter() - start
 
 
@@ -142,6 +147,8 @@ class Pipeline:
         self.completed = 0  # frames whose output is acknowledged (scored + dead-lettered)
         self.fatal: BaseException | None = None
         self.hard_stop = threading.Event()
+        # the model's input size: JPEGs are decoded at the smallest DCT scale that still covers it
+        self.decode_target = scorer.backbone.image_size if config.decode_scale == "auto" else None
         self.score_stage = ScoreStage(config, scorer, metrics, self.hard_stop)
         self.output_stage = OutputStage(config, None, metrics, model, book, consumer, sampler=sampler)
         self.deliverer = Deliverer(producer, producer_factory, metrics, self.hard_stop,
@@ -168,7 +175,10 @@ class Pipeline:
                 raise FrameError("unknown_category", f"category {item.meta.category!r} is not served here "
                                  f"(categories: {', '.join(self.provider.categories())})")
             item.size = inspect_frame(item.meta, value, self.config.limits)
-            item.decoding = self.pool.submit(_timed_decode, item.meta, value, item.size)
+            if self.config.gpu_decode and item.meta.content_type.kind == "jpeg":
+                item.encoded = value  # decoded with its batch on the scorer's device
+            else:
+                item.decoding = self.pool.submit(_timed_decode, item.meta, value, item.size, self.decode_target)
         except FrameError as exc:
             item.fail(exc)
         except Exception as exc:  # a parser bug must cost one frame (dead-lettered), never the partition
@@ -287,6 +297,9 @@ class ScoreStage:
         for item in batch.items:
             item.batch_id = batch_id
             self._collect(item)
+        self._decode_on_device([item for item in batch.items if item.encoded is not None and item.error is None
+                                and book.is_current(item.tp, item.epoch)])
+        for item in batch.items:
             if item.error is None and book.is_current(item.tp, item.epoch):
                 assert item.meta is not None
                 groups[item.meta.category].append(item)
@@ -319,11 +332,40 @@ class ScoreStage:
         item.decoding = None
         self.metrics.stage.labels(stage="decode").observe(item.decode_s)
 
+    def _decode_on_device(self, items: list[FrameItem]) -> None:
+        """JPEGs of the batch decoded together on the scorer's device (gpu_decode)."""
+        if not items:
+            return
+        start = time.perf_counter()
+        assert all(item.size is not None for item in items)
+        try:
+            decoded = decode_jpeg_batch([item.encoded for item in items], [item.size for item in items],
+                                        self.scorer.backbone.device)
+        except Exception as exc:  # a decoder bug must cost the frames (dead-lettered), never the partition
+            log.exception("unexpected error decoding %d JPEGs on %s", len(items), self.scorer.backbone.device)
+            decoded = [FrameError("internal_error", f"{type(exc).__name__}: {exc}")] * len(items)
+        share = (time.perf_counter() - start) / len(items)
+        for item, pixels in zip(items, decoded, strict=True):
+            item.encoded, item.decode_s = None, share
+            if isinstance(pixels, FrameError):
+                item.fail(pixels)
+            else:
+                item.pixels = pixels
+            self.metrics.stage.labels(stage="decode").observe(share)
+
     def score(self, items: list[FrameItem], prompts: PromptSet, attempt: int = 0) -> None:
-        """Score ``items`` with ``prompts``; halve on out-of-memory; isolate frames the scorer refuses."""
+        """Score ``items`` with ``prompts``; halve on out-of-memory; isolate frames the scorer refuses.
+
+        Maps stay on the scorer's device; only the frames the mask policy wants get a full-size mask, made
+        there and copied back as packed bits."""
         start = time.perf_counter()
         try:
-            result = self.scorer.score([item.pixels for item in items], prompts)
+            assert all(item.size is not None for item in items)
+            sizes = [(item.size[1], item.size[0]) for item in items]  # the header's size, whatever the decode scale
+            result = self.scorer.score_batch([item.pixels for item in items], prompts, sizes)
+            wanted = [index for index, score in enumerate(result.pred_score)
+                      if ev.wants_mask(self.config.mask_policy, float(score), prompts.threshold)]
+            masks = result.masks(wanted, prompts.pixel_threshold) if wanted else {}
         except FrameError as exc:
             self._refused(items, prompts, exc)
             return
@@ -333,11 +375,11 @@ class ScoreStage:
             self._out_of_memory(items, prompts, attempt, exc)
             return
         elapsed = time.perf_counter() - start
-        for item, score, amap in zip(items, result.pred_score, result.anomaly_map, strict=True):
+        for index, (item, score) in enumerate(zip(items, result.pred_score, strict=True)):
             item.scored = ev.Scored(score=float(score), threshold=prompts.threshold,
                                     pixel_threshold=prompts.pixel_threshold, prompt_version=prompts.version,
                                     prompt_source=prompts.source, prompt_sha256=prompts.sha256)
-            item.anomaly_map, item.infer_s, item.pixels = amap, elapsed, None
+            item.mask, item.infer_s, item.pixels = masks.get(index), elapsed, None
 
     def _refused(self, items: list[FrameItem], prompts: PromptSet, exc: FrameError) -> None:
         if len(items) == 1:
@@ -382,16 +424,13 @@ class OutputStage:
         meta, scored = item.meta, item.scored
         assert meta is not None and scored is not None and item.size is not None
         now = time.monotonic()
-        anomalous = scored.score >= scored.threshold
-        policy = self.config.mask_policy
-        wants_mask = policy == "always" or (policy == "anomalous" and anomalous)
-        mask = ev.mask_field(item.anomaly_map, scored.pixel_threshold) if wants_mask else None
+        mask = ev.packed_mask_field(item.mask, scored.pixel_threshold) if item.mask is not None else None
         timings = ev.Timings(queue=1000 * (item.infer_start - item.received), decode=1000 * item.decode_s,
                              infer=1000 * item.infer_s, total=1000 * (now - item.received))
         event = ev.build_event(meta, scored, self.model, timings, self.clock(), item.source, item.size, mask,
                                item.batch_id)
         value = ev.encode_event(event)
-        item.anomaly_map = None
+        item.mask = None
         key = meta.camera_id.encode("utf-8")
         if len(value) + len(key) + 512 > self.config.max_request_size:
             return self.dead_letter(item, "event_too_large", f"event is {len(value)} bytes (mask included), over "

@@ -69,7 +69,8 @@ def pipeline_config(s: WorkerSettings, name: str) -> PipelineConfig:
         limits=Limits(s.max_payload_bytes, s.max_pixels, s.max_side, s.min_side),
         default_category=s.default_category, mask_policy=s.mask_policy,
         max_request_size=s.producer_max_request_size, exactly_once=s.exactly_once,
-        pipeline_depth=s.pipeline_depth, decode_threads=s.decode_threads, oom_retries=s.oom_retries,
+        pipeline_depth=s.pipeline_depth, decode_threads=s.decode_threads, decode_scale=s.decode_scale,
+        gpu_decode=s.gpu_decode, oom_retries=s.oom_retries,
         retry_backoff_s=s.retry_backoff_ms / 1000, retry_backoff_max_s=s.retry_backoff_max_ms / 1000,
         flush_timeout_s=s.request_timeout_ms / 1000,
     )

@@ -19,7 +19,7 @@ from consumers.camera import frame_headers
 from consumers.offsets import OffsetBook
 from consumers.pipeline import FrameItem, OutputStage, PipelineConfig
 from hpad.errors import FrameError
-from hpad.masks import decode_mask_png
+from hpad.masks import PackedMask, decode_mask_png
 
 SCHEMAS = Path(c.__file__).resolve().parent / "schemas"
 MODEL = ev.ModelInfo("hpad-tiny", "random-init", "hpad-tiny/random-init", True, "cpu", "fp32")
@@ -119,7 +119,7 @@ def stage(max_request_size: int) -> OutputStage:
 def scored_item(size=(64, 64)) -> FrameItem:
     item = FrameItem(record(), TopicPartition("frames", 0), 0, 0.0, meta=meta(), size=(size[1], size[0]))
     item.scored = SCORED
-    item.anomaly_map = np.random.default_rng(0).random(size).astype(np.float32)  # noisy: a big mask PNG
+    item.mask = PackedMask.from_bool(np.random.default_rng(0).random(size) >= 0.5)  # noisy: a big mask PNG
     return item
 
 

@@ -218,9 +218,9 @@ class SlowScorer(Scorer):
 
     delay_s = 0.2
 
-    def score(self, frames, prompts=None):
+    def score_batch(self, frames, prompts=None, sizes=None):  # what the worker's score stage calls
         time.sleep(self.delay_s)
-        return super().score(frames, prompts)
+        return super().score_batch(frames, prompts, sizes)
 
 
 def test_revoke_finishes_and_commits_in_flight_work(kafka_broker, make_worker, tiny_backbone):
@@ -303,10 +303,10 @@ def test_prompt_version_is_fixed_per_batch(kafka_broker, make_worker, tiny_backb
 class OomScorer(Scorer):
     """Runs out of memory on more than two frames at once, and always on frames wider than 100 px."""
 
-    def score(self, frames, prompts=None):
+    def score_batch(self, frames, prompts=None, sizes=None):  # what the worker's score stage calls
         if len(frames) > 2 or any(f.shape[1] > 100 for f in frames):
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return super().score(frames, prompts)
+        return super().score_batch(frames, prompts, sizes)
 
 
 def test_out_of_memory_splits_the_batch_then_dead_letters_one_frame(tiny_backbone):

@@ -51,9 +51,9 @@ class SlowScorer(Scorer):
 
     delay_s = 0.2
 
-    def score(self, frames, prompts=None):
+    def score_batch(self, frames, prompts=None, sizes=None):  # what the worker's score stage calls
         time.sleep(self.delay_s)
-        return super().score(frames, prompts)
+        return super().score_batch(frames, prompts, sizes)
 
 
 def crash_during_next_produce(broker, events_topic: str, monkeypatch, delay_s: float = CRASH_DELAY_S) -> None:

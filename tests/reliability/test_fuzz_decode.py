@@ -70,6 +70,7 @@ ADMITTER = SimpleNamespace(
                           default_category=None, mask_policy="never", max_request_size=32 << 20),
     provider=StaticPromptProvider({category: object() for category in CATEGORIES}),  # any non-None set
     pool=SyncPool(),
+    decode_target=None,  # full-size decoding: the property below checks the header's size
 )
 
 
