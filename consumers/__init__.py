@@ -10,6 +10,7 @@ Kafka, HTTP and environment reading live here; all scoring math stays in `hpad` 
   checked delivery, and which offsets may be committed
 * `prompt_provider` - prompt sets per category behind a swappable interface
 * `metrics` - Prometheus metrics, /metrics /healthz /readyz
-* `app` (``hpad serve``), `camera` (``hpad camera``), `broker` (embedded tansu), `demo` (``make demo``),
+* `app` (``hpad serve``), `supervisor` (``hpad serve --workers N``: N workers sharing one GPU),
+  `camera` (``hpad camera``), `broker` (embedded tansu), `demo` (``make demo``),
   `docs` (generated tables of README.md)
 """

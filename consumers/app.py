@@ -3,6 +3,8 @@
 Reads `WorkerSettings` (env / .env / flags), starts the metrics server, loads the model and the prompt
 sets, then runs the `consumers.worker.Worker` until SIGTERM/SIGINT (or ``--max-frames`` / ``--timeout``).
 Exit codes: 0 clean stop, 1 fatal output error (nothing after it committed), 2 bad settings.
+With HPAD_WORKERS / ``--workers`` N > 1 the process supervises N such workers instead
+(`consumers.supervisor`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from consumers.settings import (
 from consumers.worker import Worker
 from hpad.attention import LAAConfig
 from hpad.backbone import WeightsSpec, load_backbone
+from hpad.errors import ConfigError
 from hpad.scorer import Scorer, ScorerConfig
 
 log = logging.getLogger("hpad.serve")
@@ -56,6 +59,9 @@ def model_info(scorer: Scorer, precision: str) -> ModelInfo:
 def build_worker(settings: WorkerSettings, metrics: WorkerMetrics | None = None,
                  health: Health | None = None) -> Worker:
     scorer = build_scorer(settings, settings.max_batch_size)
+    if settings.gpu_decode and scorer.backbone.device.type != "cuda":
+        raise ConfigError(f"HPAD_GPU_DECODE=true decodes JPEGs with nvJPEG on the scorer's GPU, but the scorer "
+                          f"runs on {scorer.backbone.device}; set HPAD_DEVICE=cuda or HPAD_GPU_DECODE=false")
     metrics = metrics or WorkerMetrics()
     return Worker(settings, scorer, build_provider(settings, scorer, metrics), model_info(scorer, settings.precision),
                   metrics, health)
@@ -80,6 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings, ns = parse_args(sys.argv[1:] if argv is None else argv)
     for package in ("hpad", "consumers"):  # the root logger stays as the CLI set it (open_clip is chatty)
         logging.getLogger(package).setLevel(settings.log_level)
+    if settings.workers > 1:  # a supervisor of that many single-worker children (consumers.supervisor)
+        from consumers.supervisor import supervise
+
+        return supervise(settings, sys.argv[1:] if argv is None else argv)
     metrics = WorkerMetrics()
     health = Health(settings.liveness_timeout_ms / 1000)
     server = start_metrics_server(metrics, health, settings.metrics_host, settings.metrics_port)

@@ -31,6 +31,7 @@ SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 MaskPolicy = Literal["anomalous", "always", "never"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Compression = Literal["none", "gzip"]
+DecodeScale = Literal["auto", "full"]
 DEFAULT_MODEL = "ViT-B-16-plus-240"
 
 
@@ -175,6 +176,13 @@ class WorkerSettings(ModelSettings):
     max_wait_ms: int = Field(20, ge=0, description="longest a frame waits for its batch to fill while the model is busy")
     decode_threads: int = Field(2, ge=1, le=64, description="image decode threads (OpenCV releases the GIL)")
     pipeline_depth: int = Field(2, ge=1, le=16, description="batches decoded ahead of the model")
+    decode_scale: DecodeScale = Field(
+        "auto", description="auto: JPEG decoded at the smallest 1/2, 1/4 or 1/8 DCT scale still >= the model's "
+        "input size (sizes in events stay the frame's own); full: always at full size")
+    gpu_decode: bool = Field(
+        False, description="with the scorer on CUDA, decode JPEG batches on the GPU (nvJPEG) instead of the CPU")
+    workers: int = Field(1, ge=1, le=16, description="worker processes in this container, each its own "
+                         "consumer-group member (several share one GPU)")
     # limits
     max_payload_bytes: int = Field(16 * MiB, ge=1024, description="frames larger than this go to the DLQ")
     max_pixels: int = Field(40_000_000, ge=1, description="frames with more pixels (from the image header) go to the DLQ")

@@ -55,12 +55,17 @@ FULL = {  # GPU scorers and tuner, KEDA, topics Job and KafkaTopics, ServiceMoni
     "topics": {"create": {"enabled": True}, "strimzi": {"enabled": True, "cluster": "my-cluster"}},
     "grafana": {"dashboard": {"enabled": True}},
 }
+WORKERS = {  # GPU scorers with two worker processes per pod (HPAD_WORKERS) on a 24 GiB GPU
+    "scorer": {"workersPerGpu": 2, "gpu": {"enabled": True}, "gpuMemoryPerWorkerGiB": 3, "gpuMemoryGiB": 24,
+               "replicaCount": 3},
+}
 EXAMPLES = sorted(p.name for p in (CHART / "examples").glob("values-*.yaml"))
 # name -> (values, API versions the "cluster" has)
 CASES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "defaults": ({}, ()),
     "defaults+crds": ({}, CRD_APIS),
     "full": (FULL, CRD_APIS),
+    "workers": (WORKERS, CRD_APIS),
     **{name: (load_values(name), CRD_APIS) for name in EXAMPLES},
 }
 
@@ -331,6 +336,75 @@ def test_scorer_probes_ports_and_grace_period(shutdown, request_ms):
     assert pod["terminationGracePeriodSeconds"] >= shutdown + request_ms / 1000 + 5
 
 
+def test_several_workers_per_gpu_get_a_port_each_scraped_and_probed(rendered):
+    """scorer.workersPerGpu=2: HPAD_WORKERS=2, ports metrics / metrics-1 in the pod, the Service and the
+    ServiceMonitor, and probes that ask every worker; one worker (the default) keeps the plain httpGet probes."""
+    one_worker = one(rendered["defaults+crds"], "ConfigMap", "-scorer")["data"]
+    assert one_worker["HPAD_WORKERS"] == "1"
+    assert [e["port"] for e in one(rendered["defaults+crds"], "ServiceMonitor", "")["spec"]["endpoints"]] == ["metrics"]
+
+    objs = rendered["workers"]
+    data = one(objs, "ConfigMap", "-scorer")["data"]
+    assert (data["HPAD_WORKERS"], data["HPAD_METRICS_PORT"], data["HPAD_DEVICE"]) == ("2", "9400", "cuda")
+    pod = one(objs, "Deployment", "-scorer")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"},
+                                  {"name": "metrics-1", "containerPort": 9401, "protocol": "TCP"}]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1  # the workers share one GPU
+    service = one(objs, "Service", "-scorer")
+    assert [(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [
+        ("metrics", 9400, "metrics"), ("metrics-1", 9401, "metrics-1")]
+    assert one(objs, "Service", "-tuner")["spec"]["ports"][0]["name"] == "metrics"  # the tuner is one process
+    endpoints = one(objs, "ServiceMonitor", "")["spec"]["endpoints"]
+    assert [(e["port"], e["path"]) for e in endpoints] == [("metrics", "/metrics"), ("metrics-1", "/metrics")]
+    for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        command = container[probe]["exec"]["command"]
+        assert command[:2] == ["python", "-c"] and command[3:] == [path, "9400", "9401"], command
+        assert "httpGet" not in container[probe]
+    assert container["readinessProbe"]["periodSeconds"] == 10  # the timings of scorer.probes still apply
+    notes = render(WORKERS, CRD_APIS)["hpad/templates/NOTES.txt"]
+    assert "runs 2 worker processes" in notes and "about 6 GiB of GPU memory per pod" in notes
+    full_gpu = {"workersPerGpu": 4, "gpu": {"enabled": True}, "gpuMemoryPerWorkerGiB": 2, "gpuMemoryGiB": 8}
+    assert one(objects(render({"scorer": full_gpu})), "ConfigMap", "-scorer")["data"]["HPAD_WORKERS"] == "4"
+    unchecked = {**full_gpu, "gpuMemoryGiB": 0, "gpuMemoryPerWorkerGiB": 40}  # GPU size not given: no check
+    assert objects(render({"scorer": unchecked}))
+
+
+def test_probe_of_several_workers_asks_each_of_them(tmp_path):
+    """Run the exec probe the chart renders against two real metrics servers: it passes only when every
+    worker passes, and names the one that does not."""
+    from consumers.metrics import Health, WorkerMetrics, start_metrics_server
+
+    servers, healths = [], []
+    try:
+        for _ in range(2):
+            health = Health(60)
+            health.model_loaded, health.assigned = True, 1
+            servers.append(start_metrics_server(WorkerMetrics(), health, "127.0.0.1", 0))
+            healths.append(health)
+        ports = [s.port for s in servers]
+        values = {"scorer": {"workersPerGpu": 2, "metricsPort": 9400}}
+        container = one(objects(render(values)), "Deployment", "-scorer")["spec"]["template"]["spec"]["containers"][0]
+
+        def probe(kind: str) -> subprocess.CompletedProcess:
+            command = container[kind]["exec"]["command"]
+            assert command[-2:] == ["9400", "9401"]
+            return subprocess.run([sys.executable, *command[1:-2], *map(str, ports)], capture_output=True, text=True,
+                                  timeout=30, check=False)
+
+        assert probe("readinessProbe").returncode == 0 and probe("livenessProbe").returncode == 0
+        healths[1].assigned = 0  # the second worker owns no partition: the pod is not ready, but alive
+        done = probe("readinessProbe")
+        assert done.returncode == 1 and f"worker on port {ports[1]}" in done.stderr
+        assert str(ports[0]) not in done.stderr and probe("livenessProbe").returncode == 0
+        servers.pop().stop()  # the second worker is gone: not alive either
+        done = probe("livenessProbe")
+        assert done.returncode == 1 and f"worker on port {ports[1]}" in done.stderr
+    finally:
+        for server in servers:
+            server.stop()
+
+
 def test_tuner_is_one_recreated_pod_with_its_reservoir_on_a_claim(rendered):
     objs = rendered["defaults"]
     deployment = one(objs, "Deployment", "-tuner")
@@ -468,6 +542,12 @@ def test_keda_scaledobject_on_consumer_lag(rendered):
     ({"scorer": {"extraEnv": [{"name": "HPAD_DEVICE", "value": "cpu"}]}}, "/scorer/extraEnv"),
     ({"categories": []}, "/categories"),
     ({"replicas": 3}, "replicas"),
+    ({"scorer": {"workersPerGpu": 0}}, "/scorer/workersPerGpu"),
+    ({"scorer": {"workersPerGpu": 17}}, "/scorer/workersPerGpu"),  # HPAD_WORKERS is at most 16
+    ({"scorer": {"workersPerGpu": 1.5}}, "/scorer/workersPerGpu"),
+    ({"scorer": {"gpuMemoryPerWorkerGiB": 0}}, "/scorer/gpuMemoryPerWorkerGiB"),
+    ({"scorer": {"gpuMemoryGiB": -1}}, "/scorer/gpuMemoryGiB"),
+    ({"scorer": {"config": {"workers": 2}}}, "workers"),  # the chart owns it: scorer.workersPerGpu
 ])
 def test_values_schema_rejects_bad_values(values, message):
     with pytest.raises(helm().HelmValuesError) as caught:
@@ -488,6 +568,14 @@ def test_values_schema_rejects_bad_values(values, message):
     ({"model": {"weights": {"allowDownload": True}}}, "writable cache"),
     ({"model": {"weights": {"volume": {"type": "emptyDir"}}}}, "starts empty"),
     ({"defaultCategory": "bottle"}, 'defaultCategory "bottle" is not in categories'),
+    ({"scorer": {"workersPerGpu": 2, "replicaCount": 7}},
+     "scorer.replicaCount (7) x scorer.workersPerGpu (2) exceeds topics.frames.partitions (12)"),
+    ({"scorer": {"workersPerGpu": 3}, "keda": {"enabled": True, "maxReplicaCount": 5}},
+     "keda.maxReplicaCount (5) x scorer.workersPerGpu (3) exceeds topics.frames.partitions (12)"),
+    ({"scorer": {"workersPerGpu": 4, "gpu": {"enabled": True}, "gpuMemoryPerWorkerGiB": 2.5, "gpuMemoryGiB": 8}},
+     "scorer.workersPerGpu (4) x scorer.gpuMemoryPerWorkerGiB (2.5) = 10 GiB exceeds scorer.gpuMemoryGiB (8)"),
+    ({"scorer": {"workersPerGpu": 2, "gpu": {"enabled": True, "count": 2}}}, "needs scorer.gpu.count 1"),
+    ({"scorer": {"workersPerGpu": 2, "metricsPort": 65535}}, "exceeds 65535: the workers use consecutive ports"),
 ])
 def test_chart_refuses_inconsistent_values(values, message):
     with pytest.raises(helm().HelmRenderError) as caught:

@@ -271,6 +271,46 @@ HPAD_{{ upper $key }}: {{ include "hpad.envValue" $value | quote }}
 {{- end }}
 {{- end }}
 
+{{/* ---------------------------------------------------------------- scorer workers */}}
+
+{{/* name of the metrics port of scorer worker i (HPAD_WORKERS): `metrics` for worker 0, `metrics-<i>` after it */}}
+{{- define "hpad.metricsPortName" -}}
+{{- if eq (int .) 0 }}metrics{{ else }}metrics-{{ . }}{{ end }}
+{{- end }}
+
+{{/* a probe of the scorer: (dict "root" $ "path" "/healthz" "probe" <timings>). One worker: httpGet on port
+     `metrics`. Several: every worker must answer on its own port, checked by the image's python (stdlib only) */}}
+{{- define "hpad.scorerProbe" -}}
+{{- $s := .root.Values.scorer }}
+{{- if le (int $s.workersPerGpu) 1 }}
+httpGet:
+  path: {{ .path }}
+  port: metrics
+{{- else }}
+exec:
+  command:
+    - python
+    - -c
+    - {{ include "hpad.probeScript" . | quote }}
+    - {{ .path | quote }}
+    {{- range $i := until (int $s.workersPerGpu) }}
+    - {{ add (int $s.metricsPort) $i | quote }}
+    {{- end }}
+{{- end }}
+{{ toYaml .probe }}
+{{- end }}
+
+{{- define "hpad.probeScript" -}}
+import sys, urllib.request
+bad = []
+for port in sys.argv[2:]:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}{sys.argv[1]}", timeout=2).close()
+    except Exception as exc:
+        bad.append(f"worker on port {port}: {exc}")
+sys.exit("; ".join(bad) or None)
+{{- end }}
+
 {{/* ---------------------------------------------------------------- checks (fail early, at render) */}}
 
 {{- define "hpad.validate" -}}
@@ -313,15 +353,31 @@ HPAD_{{ upper $key }}: {{ include "hpad.envValue" $value | quote }}
 {{- if and .Values.defaultCategory (not (has .Values.defaultCategory .Values.categories)) }}
 {{- fail (printf "defaultCategory %q is not in categories %v" .Values.defaultCategory .Values.categories) }}
 {{- end }}
+{{- $s := .Values.scorer }}
+{{- $workers := int $s.workersPerGpu }}
+{{- $partitions := int .Values.topics.frames.partitions }}
+{{- $times := ternary "" (printf " x scorer.workersPerGpu (%d)" $workers) (eq $workers 1) }}
 {{- if .Values.keda.enabled }}
-{{- if gt (int .Values.keda.maxReplicaCount) (int .Values.topics.frames.partitions) }}
-{{- fail (printf "keda.maxReplicaCount (%d) exceeds topics.frames.partitions (%d): a scorer owns whole partitions, extra scorers would sit idle" (int .Values.keda.maxReplicaCount) (int .Values.topics.frames.partitions)) }}
+{{- if gt (mul (int .Values.keda.maxReplicaCount) $workers) $partitions }}
+{{- fail (printf "keda.maxReplicaCount (%d)%s exceeds topics.frames.partitions (%d): a scorer worker owns whole partitions, extra ones would sit idle" (int .Values.keda.maxReplicaCount) $times $partitions) }}
 {{- end }}
 {{- if gt (int .Values.keda.minReplicaCount) (int .Values.keda.maxReplicaCount) }}
 {{- fail "keda.minReplicaCount exceeds keda.maxReplicaCount" }}
 {{- end }}
-{{- else if gt (int .Values.scorer.replicaCount) (int .Values.topics.frames.partitions) }}
-{{- fail (printf "scorer.replicaCount (%d) exceeds topics.frames.partitions (%d): extra scorers would sit idle (and never be ready)" (int .Values.scorer.replicaCount) (int .Values.topics.frames.partitions)) }}
+{{- else if gt (mul (int $s.replicaCount) $workers) $partitions }}
+{{- fail (printf "scorer.replicaCount (%d)%s exceeds topics.frames.partitions (%d): extra scorer workers would sit idle (and never be ready)" (int $s.replicaCount) $times $partitions) }}
+{{- end }}
+{{- if gt (add (int $s.metricsPort) $workers -1) 65535 }}
+{{- fail (printf "scorer.metricsPort (%d) + scorer.workersPerGpu (%d) - 1 exceeds 65535: the workers use consecutive ports" (int $s.metricsPort) $workers) }}
+{{- end }}
+{{- if and $s.gpu.enabled (gt $workers 1) (gt (int $s.gpu.count) 1) }}
+{{- fail (printf "scorer.workersPerGpu (%d) needs scorer.gpu.count 1: every worker of a pod runs on its first GPU (HPAD_DEVICE=cuda); use more replicas instead" $workers) }}
+{{- end }}
+{{- if and $s.gpu.enabled (gt (float64 $s.gpuMemoryGiB) 0.0) }}
+{{- $need := mulf $workers $s.gpuMemoryPerWorkerGiB }}
+{{- if gt (float64 $need) (float64 $s.gpuMemoryGiB) }}
+{{- fail (printf "scorer.workersPerGpu (%d) x scorer.gpuMemoryPerWorkerGiB (%v) = %v GiB exceeds scorer.gpuMemoryGiB (%v): the workers would run out of GPU memory" $workers $s.gpuMemoryPerWorkerGiB $need $s.gpuMemoryGiB) }}
+{{- end }}
 {{- end }}
 {{- if and .Values.tuner.enabled .Values.tuner.persistence.enabled (not .Values.tuner.persistence.existingClaim) (not .Values.tuner.persistence.size) }}
 {{- fail "tuner.persistence.size is needed to create the reservoir claim" }}
