@@ -33,14 +33,7 @@ from hpad.attention import ImageTokens
 from hpad.errors import ConfigError
 from hpad.metrics import image_auroc, pixel_auroc
 from hpad.oagm import OAGMConfig, ObjectRegion, object_masks, synthesize
-from hpad.prompts import (
-    ANOMALOUS_STATES,
-    NORMAL_STATES,
-    PromptLearner,
-    PromptSet,
-    ensemble_embedding,
-    ensemble_sentences,
-)
+from hpad.prompts import PromptLearner, PromptSet, zero_shot_text_features
 from hpad.scorer import Scorer
 
 log = logging.getLogger(__name__)
@@ -241,11 +234,10 @@ def pool_on_device(scorer: Scorer, images: Sequence[np.ndarray], labels: torch.T
 
 
 def meta_text_features(scorer: Scorer, object_name: str) -> torch.Tensor:
-    """Frozen embeddings of the hand-written meta prompts: [2, D] (used only to guide gradients)."""
+    """Frozen embeddings of the hand-written meta prompts (the zero-shot pair): [2, D] (used only to guide
+    gradients)."""
     model, tokenizer = scorer.backbone.model, scorer.backbone.tokenizer
-    normal = ensemble_embedding(model, tokenizer, ensemble_sentences(object_name, NORMAL_STATES))
-    anomalous = ensemble_embedding(model, tokenizer, ensemble_sentences(object_name, ANOMALOUS_STATES))
-    return torch.stack([normal, anomalous]).to(scorer.backbone.device)
+    return zero_shot_text_features(model, tokenizer, object_name).to(scorer.backbone.device)
 
 
 def _optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:

@@ -127,16 +127,23 @@ def ensemble_embedding(model: torch.nn.Module, tokenizer: object, sentences: lis
     return F.normalize(encode_texts(model, tokenizer, sentences).mean(dim=0), dim=-1)
 
 
+def zero_shot_text_features(model: torch.nn.Module, tokenizer: object, object_name: str) -> torch.Tensor:
+    """The hand-written (normal, anomalous) ensemble pair of ``object_name``: [2, D] on the model's device.
+
+    The zero-shot prompts of the scorer and MPTS's meta prompts are both this pair."""
+    normal = ensemble_embedding(model, tokenizer, ensemble_sentences(object_name, NORMAL_STATES))
+    anomalous = ensemble_embedding(model, tokenizer, ensemble_sentences(object_name, ANOMALOUS_STATES))
+    return torch.stack([normal, anomalous])
+
+
 def zero_shot_prompt_set(
     model: torch.nn.Module, tokenizer: object, category: str, model_identity: str, object_name: str | None = None
 ) -> PromptSet:
     """Hand-written ensemble prompts for ``category`` (object name defaults to the category, '_' -> ' ')."""
     name = (object_name or category).replace("_", " ").strip() or "object"
-    normal = ensemble_embedding(model, tokenizer, ensemble_sentences(name, NORMAL_STATES))
-    anomalous = ensemble_embedding(model, tokenizer, ensemble_sentences(name, ANOMALOUS_STATES))
     return PromptSet(
         category=category,
-        text_features=torch.stack([normal, anomalous]).cpu(),
+        text_features=zero_shot_text_features(model, tokenizer, name).cpu(),
         source="zero-shot",
         model_identity=model_identity,
     )
