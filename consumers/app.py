@@ -28,10 +28,10 @@ from consumers.settings import (
     prompts_consumer_kwargs,
 )
 from consumers.worker import Worker
-from hpad.attention import LAAConfig
-from hpad.backbone import WeightsSpec, load_backbone
+from hpad.backbone import load_backbone
+from hpad.config import scorer_config, weights_spec
 from hpad.errors import ConfigError
-from hpad.scorer import Scorer, ScorerConfig
+from hpad.scorer import Scorer
 
 log = logging.getLogger("hpad.serve")
 
@@ -40,14 +40,15 @@ def build_scorer(settings: ModelSettings, max_batch: int = 8) -> Scorer:
     """The model named by the settings, wrapped in a Scorer with the settings' LAA, sigma and batch size."""
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
-    spec = WeightsSpec(
-        model=settings.model, pretrained=settings.weights_pretrained, checkpoint=settings.checkpoint,
+    spec = weights_spec(
+        model=settings.model, pretrained=settings.pretrained, checkpoint=settings.checkpoint,
         random_init=settings.random_init, cache_dir=settings.cache_dir, allow_download=settings.allow_download,
         seed=settings.seed,
     )
     backbone = load_backbone(spec, device=settings.device, precision=settings.precision)
-    laa = LAAConfig(enabled=settings.laa, layers=settings.laa_layers, radius=settings.laa_radius)
-    return Scorer(backbone, config=ScorerConfig(laa=laa, sigma=settings.sigma, max_batch=max_batch))
+    return Scorer(backbone, config=scorer_config(laa=settings.laa, laa_layers=settings.laa_layers,
+                                                 laa_radius=settings.laa_radius, sigma=settings.sigma,
+                                                 max_batch=max_batch))
 
 
 def model_info(scorer: Scorer, precision: str) -> ModelInfo:

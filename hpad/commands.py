@@ -11,12 +11,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from hpad import config as model_config
 from hpad.attention import LAAConfig
 from hpad.backbone import Backbone, WeightsSpec, load_backbone
 from hpad.cli import library_command
+from hpad.config import DEFAULT_MODEL
 from hpad.scorer import Scorer, ScorerConfig
-
-DEFAULT_MODEL = "ViT-B-16-plus-240"
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -40,23 +40,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def weights_spec(ns: argparse.Namespace) -> WeightsSpec:
-    pretrained = ns.pretrained
-    if pretrained is None and ns.checkpoint is None and not ns.random_init:
-        pretrained = "laion400m_e32" if ns.model == DEFAULT_MODEL else "openai"
-    return WeightsSpec(
-        model=ns.model,
-        pretrained=pretrained,
-        checkpoint=ns.checkpoint,
-        random_init=ns.random_init,
-        cache_dir=ns.cache_dir,
-        allow_download=ns.allow_download,
-        seed=ns.seed,
-    )
+    return model_config.weights_spec(model=ns.model, pretrained=ns.pretrained, checkpoint=ns.checkpoint,
+                                     random_init=ns.random_init, cache_dir=ns.cache_dir,
+                                     allow_download=ns.allow_download, seed=ns.seed)
 
 
 def scorer_config(ns: argparse.Namespace) -> ScorerConfig:
-    laa = LAAConfig(enabled=not ns.no_laa, layers=ns.laa_layers, radius=ns.laa_radius)
-    return ScorerConfig(laa=laa, sigma=ns.sigma, max_batch=ns.batch_size)
+    return model_config.scorer_config(laa=not ns.no_laa, laa_layers=ns.laa_layers, laa_radius=ns.laa_radius,
+                                      sigma=ns.sigma, max_batch=ns.batch_size)
 
 
 def backbone_from_args(ns: argparse.Namespace) -> Backbone:
