@@ -1,8 +1,10 @@
-"""The ``hpad`` command line.
+"""The ``hpad`` command line: one command table.
 
-Library commands (``score``, ``eval``, ...) are defined in this package. Service commands (``serve``,
-``camera``, ``tune``, ``prompts``) live with their services in ``consumers/`` and ``tuner/`` and are imported
-only when asked for, so the library never imports Kafka or settings code.
+Library commands (``score``, ``eval``, ``train``, ``weights``, ``oagm``) are listed in `LIBRARY_COMMANDS`.
+Service commands (``serve``, ``camera``, ``tune``, ``prompts``) are declared by the services themselves as
+Python entry points of the group ``hpad.commands`` (see pyproject.toml) and discovered here with
+`importlib.metadata`, so the library never names or imports Kafka or settings code; they need the
+``hpad[service]`` extra. Every command is ``func(argv) -> exit code``, imported only when asked for.
 """
 
 from __future__ import annotations
@@ -11,28 +13,42 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import entry_points
 
 from hpad.errors import HpadError
 
-# command -> "module:function"; the function takes the remaining argv and returns an exit code
-SERVICE_COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("consumers.app:main", "run the Kafka scoring worker"),
-    "camera": ("consumers.camera:main", "publish a folder of images as camera frames"),
-    "tune": ("tuner.app:main", "run the prompt tuning daemon"),
-    "prompts": ("tuner.registry_cli:main", "list / show / publish / roll back prompt versions"),
+ENTRY_POINT_GROUP = "hpad.commands"
+SERVICE_EXTRA = "pip install 'hpad[service]'"
+
+
+@dataclass(frozen=True)
+class Command:
+    target: str  # "module:function"; the function takes the remaining argv and returns an exit code
+    help: str
+
+
+LIBRARY_COMMANDS: dict[str, Command] = {
+    "score": Command("hpad.commands:score_main", "score image files; prints one JSON line per image"),
+    "eval": Command("hpad.commands:eval_main",
+                    "evaluate on an MVTec-layout category: metrics.json, metrics.md, overlays"),
+    "train": Command("hpad.commands:train_main",
+                     "learn human-free prompts from k normal images (OAGM + MPTS) -> artifact"),
+    "weights": Command("hpad.commands:weights_main",
+                       "fetch CLIP weights into a cache dir (run where internet is allowed)"),
+    "oagm": Command("hpad.oagm_cli:oagm_main",
+                    "preview OAGM object masks and synthetic anomalies as a PNG contact sheet"),
 }
 
-LIBRARY_COMMANDS: dict[str, tuple[str, str]] = {}
+
+def service_commands() -> dict[str, Command]:
+    """The installed service commands: entry points of the group ``hpad.commands`` (none without the services)."""
+    found = {ep.name: Command(ep.value, f"service command ({ep.value})") for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return {name: command for name, command in found.items() if name not in LIBRARY_COMMANDS}
 
 
-def library_command(name: str, help_text: str) -> Callable[[Callable[[Sequence[str]], int]], Callable]:
-    """Register ``func(argv) -> exit code`` as ``hpad NAME``."""
-
-    def wrap(func: Callable[[Sequence[str]], int]) -> Callable[[Sequence[str]], int]:
-        LIBRARY_COMMANDS[name] = (f"{func.__module__}:{func.__name__}", help_text)
-        return func
-
-    return wrap
+def commands() -> dict[str, Command]:
+    return {**LIBRARY_COMMANDS, **service_commands()}
 
 
 def _load(target: str) -> Callable[[Sequence[str]], int]:
@@ -40,23 +56,20 @@ def _load(target: str) -> Callable[[Sequence[str]], int]:
     return getattr(importlib.import_module(module_name), func_name)
 
 
-def _commands() -> dict[str, tuple[str, str]]:
-    importlib.import_module("hpad.commands")  # registers the library commands
-    return {**LIBRARY_COMMANDS, **SERVICE_COMMANDS}
-
-
-def _usage(commands: dict[str, tuple[str, str]]) -> str:
-    width = max(len(name) for name in commands)
+def _usage(table: dict[str, Command]) -> str:
+    width = max(len(name) for name in table)
     lines = ["usage: hpad COMMAND [options]   (hpad COMMAND --help for its options)", "", "commands:"]
-    lines += [f"  {name.ljust(width)}  {help_text}" for name, (_, help_text) in sorted(commands.items())]
+    lines += [f"  {name.ljust(width)}  {command.help}" for name, command in sorted(table.items())]
+    if not any(name not in LIBRARY_COMMANDS for name in table):
+        lines += ["", f"service commands (serve, camera, tune, prompts) are not installed: {SERVICE_EXTRA}"]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    commands = _commands()
+    table = commands()
     if not args or args[0] in ("-h", "--help", "help"):
-        print(_usage(commands))
+        print(_usage(table))
         return 0 if args else 2
     if args[0] in ("-V", "--version"):
         from hpad import __version__
@@ -64,15 +77,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hpad {__version__}")
         return 0
     name, rest = args[0], args[1:]
-    if name not in commands:
-        print(f"hpad: unknown command {name!r}\n\n{_usage(commands)}", file=sys.stderr)
+    if name not in table:
+        print(f"hpad: unknown command {name!r}\n\n{_usage(table)}", file=sys.stderr)
         return 2
     # open_clip logs chatter at INFO on the root logger: keep the root at WARNING, our packages at INFO
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for package in ("hpad", "consumers", "tuner"):
         logging.getLogger(package).setLevel(logging.INFO)
     try:
-        return int(_load(commands[name][0])(rest) or 0)
+        func = _load(table[name].target)
+    except ModuleNotFoundError as exc:
+        if name in LIBRARY_COMMANDS:
+            raise
+        print(f"hpad {name}: error: this service command needs the service extra ({exc}): {SERVICE_EXTRA}",
+              file=sys.stderr)
+        return 2
+    try:
+        return int(func(rest) or 0)
     except HpadError as exc:
         print(f"hpad {name}: error: {exc}", file=sys.stderr)
         return 2

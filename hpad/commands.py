@@ -1,6 +1,7 @@
-"""Library commands of the ``hpad`` CLI: ``score``, ``eval``, ``weights``; shared model flags.
+"""Library commands of the ``hpad`` CLI: ``score``, ``eval``, ``train``, ``weights``; shared model flags.
 
-Argument parsing and file output only; the work is done by `hpad.scorer`, `hpad.evaluate` and friends.
+Argument parsing and file output only; the work is done by `hpad.scorer`, `hpad.evaluate`, `hpad.mpts`
+and friends. The command table is `hpad.cli.LIBRARY_COMMANDS`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from pathlib import Path
 from hpad import config as model_config
 from hpad.attention import LAAConfig
 from hpad.backbone import Backbone, WeightsSpec, load_backbone
-from hpad.cli import library_command
 from hpad.config import DEFAULT_MODEL
 from hpad.scorer import Scorer, ScorerConfig
 
@@ -54,8 +54,8 @@ def backbone_from_args(ns: argparse.Namespace) -> Backbone:
     return load_backbone(weights_spec(ns), device=ns.device, precision=ns.precision)
 
 
-@library_command("score", "score image files; prints one JSON line per image")
 def score_main(argv: Sequence[str]) -> int:
+    """Score image files; prints one JSON line per image."""
     from hpad.data import read_image
     from hpad.masks import encode_mask_png
 
@@ -113,7 +113,6 @@ def load_prompts_or_zero_shot(scorer: Scorer, artifact: Path | None, category: s
     return scorer.check_prompts(load_prompt_artifact(artifact, expected_identity=scorer.backbone.identity))
 
 
-@library_command("weights", "fetch CLIP weights into a cache dir (run where internet is allowed)")
 def weights_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="hpad weights", description="fetch: download an open_clip tag")
     parser.add_argument("action", choices=["fetch"])
@@ -127,8 +126,8 @@ def weights_main(argv: Sequence[str]) -> int:
     return 0
 
 
-@library_command("eval", "evaluate on an MVTec-layout category: metrics.json, metrics.md, overlays")
 def eval_main(argv: Sequence[str]) -> int:
+    """Evaluate on an MVTec-layout category: metrics.json, metrics.md, overlays."""
     from tqdm import tqdm
 
     from hpad.data import load_category, read_image, sample_shots
@@ -199,8 +198,8 @@ def train_config(ns: argparse.Namespace):
     )
 
 
-@library_command("train", "learn human-free prompts from k normal images (OAGM + MPTS) -> artifact")
 def train_main(argv: Sequence[str]) -> int:
+    """Learn human-free prompts from k normal images (OAGM + MPTS) -> artifact."""
     from tqdm import tqdm
 
     from hpad.artifact import build_artifact_bytes, save_artifact
@@ -244,4 +243,3 @@ def train_main(argv: Sequence[str]) -> int:
                "threshold": result.prompts.threshold, "pixel_threshold": result.prompts.pixel_threshold}
     print(json.dumps(summary, indent=2))
     return 0
-import hpad.oagm_cli  # noqa: F401,E402

@@ -16,11 +16,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from hpad.cli import library_command
 from hpad.errors import ConfigError
 
 
-@library_command("oagm", "preview OAGM object masks and synthetic anomalies as a PNG contact sheet")
 def oagm_main(argv: Sequence[str]) -> int:
     from hpad.commands import add_model_args, backbone_from_args, scorer_config
     from hpad.data import load_category, read_image, sample_shots

@@ -31,6 +31,66 @@ def test_usage_and_unknown_command(capsys):
     assert "unknown command" in capsys.readouterr().err
 
 
+class _EntryPoint:
+    def __init__(self, name: str, value: str) -> None:
+        self.name, self.value = name, value
+
+
+def test_service_commands_are_discovered_from_entry_points(monkeypatch, capsys):
+    import hpad.cli as cli
+
+    groups: list[str] = []
+
+    def fake_entry_points(group: str):
+        groups.append(group)
+        return [_EntryPoint("serve", "tests.test_cli:_fake_serve"), _EntryPoint("score", "elsewhere:main")]
+
+    monkeypatch.setattr(cli, "entry_points", fake_entry_points)
+    assert set(cli.service_commands()) == {"serve"}  # a library command cannot be replaced
+    assert groups == ["hpad.commands"]
+    assert main(["serve", "--flag"]) == 7
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "serve" in out and "tests.test_cli:_fake_serve" in out and "not installed" not in out
+
+
+def _fake_serve(argv) -> int:
+    assert list(argv) == ["--flag"]
+    return 7
+
+
+def test_service_commands_not_installed_are_a_clear_error(monkeypatch, capsys):
+    import hpad.cli as cli
+
+    monkeypatch.setattr(cli, "entry_points", lambda group: [])
+    assert main(["--help"]) == 0
+    assert "hpad[service]" in capsys.readouterr().out
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'serve'" in err and "hpad[service]" in err
+    monkeypatch.setattr(cli, "entry_points", lambda group: [_EntryPoint("serve", "no_such_service_module:main")])
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "hpad[service]" in err and "no_such_service_module" in err
+
+
+def test_library_imports_no_service_code():
+    """hpad/ imports neither Kafka, settings nor Prometheus code, nor the service packages."""
+    import subprocess
+    import sys
+
+    modules = ["hpad.cli", "hpad.commands", "hpad.oagm_cli", "hpad.config", "hpad.evaluate"]
+    code = (f"import sys; import {', '.join(modules)}; "
+            "bad = {'kafka', 'pydantic', 'pydantic_settings', 'prometheus_client', 'consumers', 'tuner'} & "
+            "{name.split('.')[0] for name in sys.modules}; print(sorted(bad))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+    for path in Path(__file__).resolve().parents[1].joinpath("hpad").glob("*.py"):
+        text = path.read_text()
+        for name in ("consumers", "tuner", "kafka", "pydantic_settings", "prometheus_client"):
+            assert f"import {name}" not in text and f"from {name}" not in text, (path, name)
+
+
 def test_score_prints_json_and_writes_masks(dataset, tmp_path, capsys):
     images = sorted((dataset / "widget" / "test").rglob("*.png"))[:3]
     assert main(["score", *map(str, images), *TINY, "--mask-out", str(tmp_path)]) == 0

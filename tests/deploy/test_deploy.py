@@ -653,11 +653,11 @@ def test_topics_job_creates_the_topics_on_a_real_broker(rendered, kafka_broker, 
 def test_chart_commands_are_hpad_commands(rendered):
     """The image's ENTRYPOINT is `hpad`; the chart's args pick a service command that exists, and
     `hpad serve --help` / `hpad tune --help` parse through the real console-script function."""
-    from hpad.cli import SERVICE_COMMANDS, main
+    from hpad.cli import main, service_commands
 
     args = {c["name"]: c.get("args") for case in CASES for _, _, c in containers(rendered[case])}
     assert args["scorer"] == ["serve"] and args["tuner"] == ["tune"]
-    assert {"serve", "tune"} <= set(SERVICE_COMMANDS)
+    assert {"serve", "tune"} <= set(service_commands())
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as done:
         main(["serve", "--help"])
