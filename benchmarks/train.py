@@ -105,8 +105,8 @@ def main() -> int:
             summary = json.loads(stats["stdout"])
             row = {"category": name, "k": k, "wall_seconds": stats["wall"], "peak_rss_mib": stats["peak_rss_mib"],
                    "epochs_run": summary["epochs_run"], "train_loop_seconds": summary["train_seconds"],
-                   "val_image_auroc_before": summary["val_image_auroc_before"],
-                   "val_image_auroc_after": summary["val_image_auroc_after"]}
+                   "val_image_auroc_before": summary["val_before"]["image_AUROC"],
+                   "val_image_auroc_after": summary["val_after"]["image_AUROC"]}
             train_rows.append(row)
             artifacts[(name, k)] = out
             print(f"train {name} k={k}: {stats['wall']:.1f} s wall, {stats['peak_rss_mib']:.0f} MiB peak", flush=True)

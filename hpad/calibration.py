@@ -13,10 +13,30 @@ The normals' quantile is recorded either way, so operators can see how far the F
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import numpy as np
 
 from hpad.errors import ConfigError
 from hpad.metrics import f1_max_threshold
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Thresholds and what they achieve on the validation set (F1-max under anomalib's names)."""
+
+    threshold: float
+    pixel_threshold: float
+    image_F1Max: float
+    pixel_F1Max: float
+    normal_quantile_threshold: float
+    normal_false_alarm_rate: float
+    anomaly_recall: float
+    n_normal: int
+    n_anomalous: int
+
+    def to_json(self) -> dict[str, float]:
+        return asdict(self)
 
 
 def calibrate_thresholds(
@@ -26,7 +46,7 @@ def calibrate_thresholds(
     maps: np.ndarray,
     rule: str = "f1",
     normal_quantile: float = 0.99,
-) -> dict[str, float]:
+) -> Calibration:
     """labels/scores [N]; masks/maps [N, H, W] -> thresholds and what they achieve on this set."""
     labels = np.asarray(labels).astype(bool)
     scores = np.asarray(scores, dtype=np.float64)
@@ -45,14 +65,14 @@ def calibrate_thresholds(
     else:
         raise ConfigError(f"unknown threshold rule {rule!r}: use f1 or quantile")
     predicted = scores >= threshold
-    return {
-        "threshold": float(threshold),
-        "pixel_threshold": float(pixel_threshold),
-        "image_f1_max": float(image_f1),
-        "pixel_f1_max": float(pixel_f1),
-        "normal_quantile_threshold": image_q,
-        "normal_false_alarm_rate": float(predicted[~labels].mean()),
-        "anomaly_recall": float(predicted[labels].mean()),
-        "n_normal": float((~labels).sum()),
-        "n_anomalous": float(labels.sum()),
-    }
+    return Calibration(
+        threshold=float(threshold),
+        pixel_threshold=float(pixel_threshold),
+        image_F1Max=float(image_f1),
+        pixel_F1Max=float(pixel_f1),
+        normal_quantile_threshold=image_q,
+        normal_false_alarm_rate=float(predicted[~labels].mean()),
+        anomaly_recall=float(predicted[labels].mean()),
+        n_normal=int((~labels).sum()),
+        n_anomalous=int(labels.sum()),
+    )

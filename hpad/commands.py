@@ -1,6 +1,6 @@
 """Library commands of the ``hpad`` CLI: ``score``, ``eval``, ``train``, ``weights``; shared model flags.
 
-Argument parsing and file output only; the work is done by `hpad.scorer`, `hpad.evaluate`, `hpad.mpts`
+Argument parsing and file output only; the work is done by `hpad.scorer`, `hpad.evaluate`, `hpad.training`
 and friends. The command table is `hpad.cli.LIBRARY_COMMANDS`.
 """
 
@@ -202,9 +202,9 @@ def train_main(argv: Sequence[str]) -> int:
     """Learn human-free prompts from k normal images (OAGM + MPTS) -> artifact."""
     from tqdm import tqdm
 
-    from hpad.artifact import build_artifact_bytes, save_artifact
+    from hpad.artifact import save_artifact
     from hpad.data import load_category, read_image, sample_shots
-    from hpad.mpts import train_prompts
+    from hpad.training import build_artifact, train
 
     parser = argparse.ArgumentParser(prog="hpad train", description=train_main.__doc__)
     parser.add_argument("--data", type=Path, required=True, help="dataset root (MVTec layout)")
@@ -226,20 +226,12 @@ def train_main(argv: Sequence[str]) -> int:
             bar.set_postfix(loss=f"{record['loss']:.4f}", val=f"{record['val_loss']:.4f}")
             bar.update(1)
 
-        result = train_prompts(scorer, normals, ns.category, config, progress=progress)
-    extra = {
-        "k": ns.shots, "seed": ns.seed, "shots": [str(p) for p in shots], "n_ctx": config.n_ctx,
-        "class_name": ns.category if config.class_name is None else config.class_name,
-        "training": {"config": config.describe(), "metrics": result.metrics,
-                     "history_tail": result.history[-3:]},
-        "object_regions": [r.kind for r in result.regions],
-        "calibration": {"rule": config.threshold_rule},
-    }
-    data_bytes = build_artifact_bytes(result.prompts, version=ns.version, ctx=result.ctx,
-                                      image_size=backbone.image_size, extra=extra)
+        result = train(scorer, normals, ns.category, config, progress=progress)
+    data_bytes = build_artifact(result, k=ns.shots, image_size=backbone.image_size, version=ns.version,
+                                extra={"shots": [str(p) for p in shots]})
     save_artifact(ns.out, data_bytes)
     summary = {"artifact": str(ns.out), "bytes": len(data_bytes), "category": ns.category, "k": ns.shots,
-               "model": backbone.identity, "weights": backbone.weights_label, **result.metrics,
+               "model": backbone.identity, "weights": backbone.weights_label, **result.metrics.to_json(),
                "threshold": result.prompts.threshold, "pixel_threshold": result.prompts.pixel_threshold}
     print(json.dumps(summary, indent=2))
     return 0

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from hpad.data import CategoryData, Sample, read_image, read_mask
-from hpad.metrics import compute_all
+from hpad.metrics import EvalMetrics, eval_metrics
 from hpad.prompts import PromptSet
 from hpad.scorer import Scorer
 
@@ -30,8 +30,8 @@ METRIC_KEYS = ("image_AUROC", "pixel_AUROC", "AUPRO", "image_F1Max", "pixel_F1Ma
 @dataclass
 class EvalReport:
     category: str
-    metrics: dict[str, float]
-    per_defect: dict[str, dict[str, float]]
+    metrics: EvalMetrics
+    per_defect: dict[str, EvalMetrics]
     samples: list[Sample]
     scores: np.ndarray
     maps: list[np.ndarray]
@@ -40,8 +40,8 @@ class EvalReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "category": self.category,
-            "metrics": self.metrics,
-            "per_defect_type": self.per_defect,
+            "metrics": self.metrics.to_json(),
+            "per_defect_type": {name: metrics.to_json() for name, metrics in self.per_defect.items()},
             **self.info,
             "images": [
                 {"path": str(s.path), "defect_type": s.defect_type, "label": s.label, "pred_score": float(v)}
@@ -55,14 +55,14 @@ def _masks_for(samples: Sequence[Sample], maps: Sequence[np.ndarray]) -> list[np
 
 
 def metric_table(samples: Sequence[Sample], scores: np.ndarray, maps: Sequence[np.ndarray],
-                 masks: Sequence[np.ndarray]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+                 masks: Sequence[np.ndarray]) -> tuple[EvalMetrics, dict[str, EvalMetrics]]:
     labels = np.array([s.label for s in samples])
-    overall = compute_all(labels, scores, masks, maps)
-    per_defect: dict[str, dict[str, float]] = {}
+    overall = eval_metrics(labels, scores, masks, maps)
+    per_defect: dict[str, EvalMetrics] = {}
     good = [i for i, s in enumerate(samples) if s.label == 0]
     for defect in sorted({s.defect_type for s in samples if s.label == 1}):
         idx = good + [i for i, s in enumerate(samples) if s.defect_type == defect]
-        per_defect[defect] = compute_all(
+        per_defect[defect] = eval_metrics(
             labels[idx], scores[idx], [masks[i] for i in idx], [maps[i] for i in idx]
         )
     return overall, per_defect
@@ -122,7 +122,8 @@ def markdown_table(report: EvalReport) -> str:
     header = "| defect type | " + " | ".join(METRIC_KEYS) + " |"
     rule = "|---|" + "---|" * len(METRIC_KEYS)
 
-    def row(name: str, values: dict[str, float]) -> str:
+    def row(name: str, metrics: EvalMetrics) -> str:
+        values = metrics.to_json()
         cells = [f"{values[k]:.4f}" if k in values else "-" for k in METRIC_KEYS]
         return f"| {name} | " + " | ".join(cells) + " |"
 

@@ -27,7 +27,7 @@ anomalous score give the same area and the same interpolation at `fpr_limit` as 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -36,9 +36,12 @@ from scipy import ndimage
 from hpad.errors import ConfigError
 
 __all__ = [
+    "EvalMetrics",
     "MaskStack",
+    "PoolMetrics",
     "aupro",
     "compute_all",
+    "eval_metrics",
     "f1_max",
     "f1_max_threshold",
     "image_auroc",
@@ -338,3 +341,48 @@ def compute_all(
         result["AUPRO"] = aupro(masks, maps, fpr_limit)
         result["pixel_F1Max"] = pixel_f1_max(masks, maps)
     return result
+
+
+# --------------------------------------------------------------------------- typed results
+
+
+def _present(values: dict[str, float | None]) -> dict[str, float]:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+@dataclass(frozen=True)
+class EvalMetrics:
+    """The evaluation metrics of `compute_all` (pixel ones None without masks); JSON keys are the field names."""
+
+    image_AUROC: float
+    image_F1Max: float
+    pixel_AUROC: float | None = None
+    AUPRO: float | None = None
+    pixel_F1Max: float | None = None
+
+    def to_json(self) -> dict[str, float]:
+        return _present(asdict(self))
+
+
+@dataclass(frozen=True)
+class PoolMetrics:
+    """Image and pixel AUROC of a prompt set on an encoded pool (training validation, the tuner's gate), and
+    the task loss where one was computed; JSON keys are the field names, absent ones left out."""
+
+    image_AUROC: float
+    pixel_AUROC: float | None = None
+    loss: float | None = None
+
+    def to_json(self) -> dict[str, float]:
+        return _present(asdict(self))
+
+
+def eval_metrics(
+    labels: npt.ArrayLike,
+    scores: npt.ArrayLike,
+    masks: MaskStack | None = None,
+    maps: MaskStack | None = None,
+    fpr_limit: float = 0.3,
+) -> EvalMetrics:
+    """`compute_all` as a typed result."""
+    return EvalMetrics(**compute_all(labels, scores, masks, maps, fpr_limit))

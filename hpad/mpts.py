@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from hpad.attention import ImageTokens
+from hpad.calibration import Calibration, calibrate_thresholds
 from hpad.errors import ConfigError
-from hpad.metrics import image_auroc, pixel_auroc
+from hpad.metrics import PoolMetrics, image_auroc, pixel_auroc
 from hpad.oagm import OAGMConfig, ObjectRegion, object_masks, synthesize
 from hpad.prompts import PromptLearner, PromptSet, zero_shot_text_features
 from hpad.scorer import Scorer
@@ -107,13 +108,29 @@ class Pool:
         return Pool(tokens, self.labels[index], self.masks[index], [self.generators[i] for i in index.tolist()])
 
 
+@dataclass(frozen=True)
+class TrainMetrics:
+    """What a training run achieved on its validation pool, before and after training, and its calibration."""
+
+    val_before: PoolMetrics
+    val_after: PoolMetrics
+    epochs_run: int
+    train_seconds: float
+    calibration: Calibration
+
+    def to_json(self) -> dict[str, object]:
+        return {"val_before": self.val_before.to_json(), "val_after": self.val_after.to_json(),
+                "epochs_run": self.epochs_run, "train_seconds": self.train_seconds,
+                "calibration": self.calibration.to_json()}
+
+
 @dataclass
 class TrainResult:
     prompts: PromptSet
     initial_prompts: PromptSet  # before the first step (random or warm-start context)
     ctx: torch.Tensor  # [2, n_ctx, W] learned context (warm-start state)
     history: list[dict[str, float]]
-    metrics: dict[str, float]
+    metrics: TrainMetrics
     regions: list[ObjectRegion]
     config: TrainConfig
 
@@ -284,7 +301,7 @@ def _step(learner: PromptLearner, optimizer: torch.optim.Optimizer, batch: Pool,
 
 
 @torch.no_grad()
-def evaluate_pool(scorer: Scorer, pool: Pool, prompts: PromptSet, config: TrainConfig | None = None) -> dict[str, float]:
+def evaluate_pool(scorer: Scorer, pool: Pool, prompts: PromptSet, config: TrainConfig | None = None) -> PoolMetrics:
     """Task loss, image AUROC and pixel AUROC of a prompt set's text pair on an encoded pool (no memory)."""
     config = config or TrainConfig()
     text = prompts.text_features.to(scorer.backbone.device)
@@ -292,11 +309,11 @@ def evaluate_pool(scorer: Scorer, pool: Pool, prompts: PromptSet, config: TrainC
     loss, _ = task_loss(pool, text, scorer.logit_scale, grid, size, config.pixel_weight, config.focal_gamma)
     scores = class_logits(pool.tokens.cls, text, scorer.logit_scale).softmax(dim=-1)[:, 1]
     maps = patch_probability_maps(pool.tokens.patches, text, scorer.logit_scale, grid, size)
-    return {
-        "loss": loss.item(),
-        "image_auroc": image_auroc(pool.labels.cpu().numpy(), scores.cpu().numpy()),
-        "pixel_auroc": pixel_auroc(pool.masks.cpu().numpy() > 0.5, maps.cpu().numpy()),
-    }
+    return PoolMetrics(
+        image_AUROC=image_auroc(pool.labels.cpu().numpy(), scores.cpu().numpy()),
+        pixel_AUROC=pixel_auroc(pool.masks.cpu().numpy() > 0.5, maps.cpu().numpy()),
+        loss=loss.item(),
+    )
 
 
 def train_prompts(
@@ -338,7 +355,7 @@ def train_prompts(
 
     initial = snapshot()
     before = evaluate_pool(scorer, val_pool, initial, config)
-    best = (before["loss"], learner.ctx.detach().clone())
+    best = (before.loss, learner.ctx.detach().clone())
     history: list[dict[str, float]] = []
     stale = 0
     for epoch in range(config.epochs):
@@ -349,14 +366,14 @@ def train_prompts(
                 sums[key] = sums[key] + value if key in sums else value
         totals = {key: float(value) / config.steps_per_epoch for key, value in sums.items()}  # one sync an epoch
         val = evaluate_pool(scorer, val_pool, snapshot(), config)
-        record = {"epoch": float(epoch), **totals, "val_loss": val["loss"], "val_image_auroc": val["image_auroc"]}
+        record = {"epoch": float(epoch), **totals, "val_loss": val.loss, "val_image_AUROC": val.image_AUROC}
         history.append(record)
         if progress is not None:
             progress(epoch, record)
         if not math.isfinite(record["loss"]):
             raise ConfigError(f"training diverged at epoch {epoch} (loss {record['loss']}); lower --lr")
-        if val["loss"] < best[0] - config.min_delta:
-            best, stale = (val["loss"], learner.ctx.detach().clone()), 0
+        if val.loss < best[0] - config.min_delta:
+            best, stale = (val.loss, learner.ctx.detach().clone()), 0
         else:
             stale += 1
             if stale >= config.patience:
@@ -368,18 +385,9 @@ def train_prompts(
     prompts = prompts.with_memory(memory)
     after = evaluate_pool(scorer, val_pool, prompts, config)
     calibration = calibrate_on_pool(scorer, val_pool, prompts, config)
-    prompts = replace(prompts, threshold=calibration["threshold"], pixel_threshold=calibration["pixel_threshold"])
-    metrics = {
-        "val_loss_before": before["loss"],
-        "val_loss_after": after["loss"],
-        "val_image_auroc_before": before["image_auroc"],
-        "val_image_auroc_after": after["image_auroc"],
-        "val_pixel_auroc_before": before["pixel_auroc"],
-        "val_pixel_auroc_after": after["pixel_auroc"],
-        "epochs_run": float(len(history)),
-        "train_seconds": time.monotonic() - started,
-        **{f"calibration_{k}": v for k, v in calibration.items()},
-    }
+    prompts = replace(prompts, threshold=calibration.threshold, pixel_threshold=calibration.pixel_threshold)
+    metrics = TrainMetrics(val_before=before, val_after=after, epochs_run=len(history),
+                           train_seconds=time.monotonic() - started, calibration=calibration)
     return TrainResult(prompts, initial, best[1].cpu(), history, metrics, list(regions), config)
 
 
@@ -390,19 +398,17 @@ def score_pool(scorer: Scorer, pool: Pool, prompts: PromptSet) -> tuple[np.ndarr
     return result.pred_score, np.stack(result.anomaly_map)
 
 
-def evaluate_as_served(scorer: Scorer, pool: Pool, prompts: PromptSet) -> dict[str, float]:
+def evaluate_as_served(scorer: Scorer, pool: Pool, prompts: PromptSet) -> PoolMetrics:
     """Image and pixel AUROC of a prompt set on a pool, scored as the service scores (the tuner's gate)."""
     scores, maps = score_pool(scorer, pool, prompts)
-    return {
-        "image_auroc": image_auroc(pool.labels.cpu().numpy(), scores),
-        "pixel_auroc": pixel_auroc(pool.masks.cpu().numpy() > 0.5, maps),
-    }
+    return PoolMetrics(
+        image_AUROC=image_auroc(pool.labels.cpu().numpy(), scores),
+        pixel_AUROC=pixel_auroc(pool.masks.cpu().numpy() > 0.5, maps),
+    )
 
 
-def calibrate_on_pool(scorer: Scorer, pool: Pool, prompts: PromptSet, config: TrainConfig) -> dict[str, float]:
+def calibrate_on_pool(scorer: Scorer, pool: Pool, prompts: PromptSet, config: TrainConfig) -> Calibration:
     """Decision thresholds from the validation pool scored exactly as the service scores (memory included)."""
-    from hpad.calibration import calibrate_thresholds
-
     scores, maps = score_pool(scorer, pool, prompts)
     return calibrate_thresholds(
         labels=pool.labels.cpu().numpy(),

@@ -79,7 +79,7 @@ def test_library_imports_no_service_code():
     import subprocess
     import sys
 
-    modules = ["hpad.cli", "hpad.commands", "hpad.oagm_cli", "hpad.config", "hpad.evaluate"]
+    modules = ["hpad.cli", "hpad.commands", "hpad.oagm_cli", "hpad.training", "hpad.config", "hpad.evaluate"]
     code = (f"import sys; import {', '.join(modules)}; "
             "bad = {'kafka', 'pydantic', 'pydantic_settings', 'prometheus_client', 'consumers', 'tuner'} & "
             "{name.split('.')[0] for name in sys.modules}; print(sorted(bad))")
@@ -129,6 +129,10 @@ def test_train_then_eval_with_the_artifact(dataset, tmp_path, capsys):
     assert manifest["k"] == 2 and manifest["seed"] == 3 and manifest["category"] == "widget"
     assert manifest["laa"] == {"enabled": True, "layers": 4, "radius": 1}
     assert manifest["training"]["config"]["mpts"] is True and manifest["random_weights"] is True
+    assert set(manifest["training"]) == {"config", "metrics", "history_tail"}
+    assert set(manifest["training"]["metrics"]["val_after"]) == {"image_AUROC", "pixel_AUROC", "loss"}
+    assert "image_F1Max" in manifest["training"]["metrics"]["calibration"]
+    assert summary["val_after"]["image_AUROC"] == manifest["training"]["metrics"]["val_after"]["image_AUROC"]
     out = tmp_path / "eval"
     assert main(["eval", "--data", str(dataset), "--category", "widget", *TINY, "--prompts", str(artifact_path),
                  "--out", str(out)]) == 0

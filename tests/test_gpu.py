@@ -121,7 +121,7 @@ def test_tuner_run_on_the_device(gpu_scorer):
     labelled = encode_labelled(gpu_scorer, _objects(1, seed=3), [np.ones((96, 96), bool)])
     outcome = tune_category(gpu_scorer, "widget", _objects(8, seed=11), gpu_scorer.prompts, config,
                             labelled=labelled, seed=1)
-    assert set(outcome.decision.candidate) == {"image_auroc", "pixel_auroc"}
+    assert set(outcome.decision.candidate.to_json()) == {"image_AUROC", "pixel_AUROC"}
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

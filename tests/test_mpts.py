@@ -150,7 +150,7 @@ def test_training_loss_falls(trained):
     losses = [record["loss"] for record in trained.history]
     assert len(losses) == TRAIN["epochs"]
     assert np.mean(losses[-3:]) < 0.8 * losses[0], losses
-    assert trained.metrics["val_loss_after"] < trained.metrics["val_loss_before"]
+    assert trained.metrics.val_after.loss < trained.metrics.val_before.loss
 
 
 def test_trained_prompts_separate_held_out_anomalies_better(tiny_scorer, trained, held_out):
@@ -158,8 +158,8 @@ def test_trained_prompts_separate_held_out_anomalies_better(tiny_scorer, trained
 
     before = evaluate_pool(tiny_scorer, held_out, trained.initial_prompts)
     after = evaluate_pool(tiny_scorer, held_out, trained.prompts)
-    assert after["image_auroc"] > before["image_auroc"] + 0.05, (before, after)
-    assert after["pixel_auroc"] > before["pixel_auroc"], (before, after)
+    assert after.image_AUROC > before.image_AUROC + 0.05, (before, after)
+    assert after.pixel_AUROC > before.pixel_AUROC, (before, after)
 
 
 def test_training_is_deterministic(tiny_scorer, normals, trained):

@@ -49,11 +49,11 @@ from consumers.settings import (
     producer_kwargs,
     prompts_consumer_kwargs,
 )
-from hpad.artifact import PromptArtifact, build_artifact_bytes, read_artifact
+from hpad.artifact import PromptArtifact, read_artifact
 from hpad.errors import ConfigError, FrameError, HpadError
 from hpad.mpts import Pool
 from hpad.scorer import Scorer
-from tuner.job import TuneOutcome, encode_labelled, tune_category
+from tuner.job import TuneOutcome, candidate_artifact, encode_labelled, tune_category
 from tuner.metrics import TunerMetrics
 from tuner.registry import PromptRegistry, RegistryError
 from tuner.reservoir import Reservoir, ReservoirWriteError
@@ -416,7 +416,8 @@ class Tuner:
         outcome = tune_category(self.scorer, category, normals, current, config, current_artifact, labelled, seed)
         d = outcome.decision
         if not d.publish:
-            return RunReport(category, "rejected", d.reason, time.monotonic() - start, None, d.current, d.candidate)
+            return RunReport(category, "rejected", d.reason, time.monotonic() - start, None, d.current.to_json(),
+                             d.candidate.to_json())
         artifact = self._artifact(outcome, current, seed)
         if self.stop_event.is_set():  # stopping: publish nothing that nobody will record
             return RunReport(category, "failed", "stopped before publishing", time.monotonic() - start)
@@ -425,27 +426,16 @@ class Tuner:
             published = self.registry.publish(artifact, parent_version=current.version)
         finally:
             self.publishing.clear()
-        return RunReport(category, "published", d.reason, time.monotonic() - start, published.version, d.current,
-                         d.candidate)
+        return RunReport(category, "published", d.reason, time.monotonic() - start, published.version,
+                         d.current.to_json(), d.candidate.to_json())
 
     def _labelled(self, category: str) -> Pool | None:
         images, masks = load_labelled(self.settings.labelled_dir, category)
         return encode_labelled(self.scorer, images, masks) if images else None
 
     def _artifact(self, outcome: TuneOutcome, current, seed: int) -> PromptArtifact:
-        result = outcome.result
-        extra = {
-            "k": self.settings.shots, "seed": seed, "training": result.metrics,
-            "train_config": {"epochs": result.config.epochs, "lr": result.config.lr, "n_ctx": result.config.n_ctx,
-                             "mpts": result.config.mpts, "lam": result.config.lam,
-                             "oagm_on_object": result.config.oagm.on_object},
-            "gate": {"current": outcome.decision.current, "candidate": outcome.decision.candidate,
-                     "reason": outcome.decision.reason, "splits": outcome.splits},
-            "tuned_by": "hpad tune", "warm_start_from": current.version,
-        }
-        data = build_artifact_bytes(result.prompts, version=1, ctx=result.ctx,
-                                    image_size=self.scorer.backbone.image_size, extra=extra)
-        return read_artifact(data)
+        return read_artifact(candidate_artifact(outcome, k=self.settings.shots, image_size=self.scorer.backbone.image_size,
+                                                warm_start_from=current.version))
 
 
 # ------------------------------------------------------------------------------------------ process

@@ -26,18 +26,12 @@ import torch
 
 from hpad.artifact import PromptArtifact
 from hpad.errors import ConfigError
-from hpad.mpts import (
-    Pool,
-    TrainConfig,
-    TrainResult,
-    build_pool,
-    evaluate_as_served,
-    pool_on_device,
-    train_prompts,
-)
+from hpad.metrics import PoolMetrics
+from hpad.mpts import Pool, TrainConfig, TrainResult, build_pool, evaluate_as_served, pool_on_device
 from hpad.oagm import object_masks
 from hpad.prompts import PromptSet
 from hpad.scorer import Scorer
+from hpad.training import build_artifact, train
 
 
 @dataclass(frozen=True)
@@ -62,8 +56,11 @@ class TuneConfig:
 class GateDecision:
     publish: bool
     reason: str
-    current: dict[str, float]
-    candidate: dict[str, float]
+    current: PoolMetrics
+    candidate: PoolMetrics
+
+    def to_json(self) -> dict[str, object]:
+        return {"current": self.current.to_json(), "candidate": self.candidate.to_json(), "reason": self.reason}
 
 
 @dataclass
@@ -73,14 +70,14 @@ class TuneOutcome:
     splits: dict[str, int]
 
 
-def gate_score(metrics: dict[str, float]) -> float:
-    values = [metrics["image_auroc"]] + ([metrics["pixel_auroc"]] if "pixel_auroc" in metrics else [])
+def gate_score(metrics: PoolMetrics) -> float:
+    values = [metrics.image_AUROC] + ([metrics.pixel_AUROC] if metrics.pixel_AUROC is not None else [])
     return float(np.mean(values))
 
 
-def gate(current: dict[str, float], candidate: dict[str, float], margin: float) -> GateDecision:
+def gate(current: PoolMetrics, candidate: PoolMetrics, margin: float) -> GateDecision:
     """Publish iff the candidate is finite and not worse than the current version by more than ``margin``."""
-    if not all(math.isfinite(v) for v in candidate.values()):
+    if not all(math.isfinite(v) for v in candidate.to_json().values()):
         return GateDecision(False, "candidate metrics are not finite", current, candidate)
     cand, cur = gate_score(candidate), gate_score(current)
     if not math.isfinite(cur):
@@ -138,7 +135,7 @@ def tune_category(
 ) -> TuneOutcome:
     """Train a candidate from ``normals`` (newest first) and judge it against ``current`` on the gate pool."""
     splits = split_normals(len(normals), config.shots, config.gate_normals)
-    train = [normals[i] for i in splits["train"]]
+    train_frames = [normals[i] for i in splits["train"]]
     early = [normals[i] for i in splits["early_stop"]]
     gate_frames = [normals[i] for i in splits["gate"]]
     init_ctx = None  # warm start only from a context of the same length
@@ -146,10 +143,10 @@ def tune_category(
     if ctx is not None and ctx.shape[1] == config.train.n_ctx:
         init_ctx = ctx
     train_config = replace(config.train, seed=seed)
-    result = train_prompts(scorer, train, category, train_config, init_ctx=init_ctx, val_normals=early)
+    result = train(scorer, train_frames, category, train_config, init_ctx=init_ctx, val_normals=early)
     rng = np.random.default_rng(seed + 7_919)
-    regions = object_masks(scorer, train, train_config.oagm)
-    gate_pool = build_pool(scorer, rng, train, regions, 0, config.gate_anomalies, train_config.oagm,
+    regions = object_masks(scorer, train_frames, train_config.oagm)
+    gate_pool = build_pool(scorer, rng, train_frames, regions, 0, config.gate_anomalies, train_config.oagm,
                            extra_normals=gate_frames)
     gate_pool = _with_labelled(gate_pool, labelled)
     candidate_metrics = evaluate_as_served(scorer, gate_pool, result.prompts)
@@ -158,3 +155,10 @@ def tune_category(
     counts = {name: len(idx) for name, idx in splits.items()}
     counts["gate_anomalies"] = config.gate_anomalies + (len(labelled) if labelled is not None else 0)
     return TuneOutcome(result, decision, counts)
+
+
+def candidate_artifact(outcome: TuneOutcome, *, k: int, image_size: tuple[int, int], warm_start_from: int) -> bytes:
+    """The candidate's prompt artifact (`hpad.training` manifest) with the gate's record and the warm start."""
+    gate_record = {**outcome.decision.to_json(), "splits": outcome.splits}
+    return build_artifact(outcome.result, k=k, image_size=image_size,
+                          extra={"gate": gate_record, "tuned_by": "hpad tune", "warm_start_from": warm_start_from})

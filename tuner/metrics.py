@@ -39,7 +39,7 @@ class TunerMetrics:
         self.write_errors = Counter("hpad_tuner_reservoir_write_errors", "Reservoir writes that failed "
                                     "(disk full, read-only volume)", registry=r)
         self.validation = Gauge("hpad_tuner_validation_score", "Validation-gate metrics of the last run: "
-                                "which = current or candidate; metric = gate, image_auroc, pixel_auroc",
+                                "which = current or candidate; metric = gate, image_AUROC, pixel_AUROC",
                                 ["category", "which", "metric"], registry=r)
         self.last_publish = Gauge("hpad_tuner_last_publish_timestamp_seconds", "Unix time of the last published "
                                   "version per category", ["category"], registry=r)

@@ -24,6 +24,7 @@ from consumers.metrics import WorkerMetrics
 from consumers.settings import prompts_consumer_kwargs
 from consumers.worker import Worker
 from hpad.errors import ConfigError
+from hpad.metrics import PoolMetrics
 from hpad.scorer import Scorer, ScorerConfig
 from tests.consumers.kafka_helpers import (
     WorkerThread,
@@ -179,7 +180,7 @@ def test_closed_loop_scorer_samples_normals_tuner_publishes_scorer_swaps(kafka_b
     assert [(r.version, r.artifact is not None) for r in rows] == [(1, True)]
     manifest = rows[0].artifact.manifest
     assert manifest["tuned_by"] == "hpad tune" and manifest["random_weights"] is True
-    assert set(manifest["gate"]["candidate"]) >= {"image_auroc"}
+    assert set(manifest["gate"]["candidate"]) >= {"image_AUROC"}
     state = json.loads((ts.reservoir_dir / "tuner-state.json").read_text())
     assert state["widget"]["runs"] == 1 and state["widget"]["last_outcome"] == "published"
     exposition = tuner.metrics.exposition().decode()
@@ -199,7 +200,7 @@ def test_a_rejected_candidate_is_counted_and_never_published(kafka_broker, tiny_
     import tuner.job as job
 
     real_gate = job.gate
-    monkeypatch.setattr(job, "gate", lambda cur, cand, margin: real_gate(cur, {k: -1.0 for k in cand}, 0.0))
+    monkeypatch.setattr(job, "gate", lambda cur, cand, margin: real_gate(cur, PoolMetrics(-1.0, -1.0), 0.0))
     prompts_topic = f"rej-prompts-{uuid.uuid4().hex[:6]}"
     kafka_broker.create_topic(prompts_topic, 1)
     ts = tuner_settings(tmp_path, bootstrap_servers=kafka_broker.bootstrap, prompts_topic=prompts_topic,
@@ -212,7 +213,7 @@ def test_a_rejected_candidate_is_counted_and_never_published(kafka_broker, tiny_
     tuner._record(report)
     assert read_topic(KafkaConsumer(**prompts_consumer_kwargs(ts)), prompts_topic) == []
     assert tuner.metrics.runs.labels(category="widget", outcome="rejected")._value.get() == 1
-    assert tuner.metrics.validation.labels(category="widget", which="candidate", metric="image_auroc")._value.get() \
+    assert tuner.metrics.validation.labels(category="widget", which="candidate", metric="image_AUROC")._value.get() \
         == -1.0
 
 

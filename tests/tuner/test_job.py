@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from hpad.errors import ConfigError
+from hpad.metrics import PoolMetrics
 from hpad.mpts import TrainConfig
-from tuner.job import TuneConfig, gate, split_normals, tune_category
+from tuner.job import TuneConfig, candidate_artifact, gate, split_normals, tune_category
 
 
 def test_split_is_disjoint_and_newest_first():
@@ -22,13 +23,13 @@ def test_split_is_disjoint_and_newest_first():
 
 
 def test_gate_rules():
-    cur = {"image_auroc": 0.80, "pixel_auroc": 0.90}
-    assert gate(cur, {"image_auroc": 0.80, "pixel_auroc": 0.89}, margin=0.02).publish  # within margin
-    worse = gate(cur, {"image_auroc": 0.70, "pixel_auroc": 0.85}, margin=0.02)
+    cur = PoolMetrics(image_AUROC=0.80, pixel_AUROC=0.90)
+    assert gate(cur, PoolMetrics(image_AUROC=0.80, pixel_AUROC=0.89), margin=0.02).publish  # within margin
+    worse = gate(cur, PoolMetrics(image_AUROC=0.70, pixel_AUROC=0.85), margin=0.02)
     assert not worse.publish and "worse" in worse.reason
     assert worse.current == cur  # both scores are recorded
-    assert not gate(cur, {"image_auroc": math.nan, "pixel_auroc": 0.99}, 0.02).publish
-    assert gate({"image_auroc": math.nan}, {"image_auroc": 0.5}, 0.02).publish
+    assert not gate(cur, PoolMetrics(image_AUROC=math.nan, pixel_AUROC=0.99), 0.02).publish
+    assert gate(PoolMetrics(image_AUROC=math.nan), PoolMetrics(image_AUROC=0.5), 0.02).publish
 
 
 def test_tune_config_validation():
@@ -50,8 +51,13 @@ def test_tune_category_warm_start_and_gate(tiny_scorer):
     current = tiny_scorer.zero_shot_prompts("widget")
     first = tune_category(tiny_scorer, "widget", normals, current, config, seed=1)
     assert first.splits == {"train": 2, "gate": 4, "early_stop": 4, "gate_anomalies": 12}
-    assert set(first.decision.candidate) == {"image_auroc", "pixel_auroc"}
-    assert all(math.isfinite(v) for v in first.decision.current.values())
+    assert set(first.decision.candidate.to_json()) == {"image_AUROC", "pixel_AUROC"}
+    assert all(math.isfinite(v) for v in first.decision.current.to_json().values())
+    tuned = read_artifact(candidate_artifact(first, k=2, image_size=tiny_scorer.backbone.image_size,
+                                             warm_start_from=0)).manifest
+    assert set(tuned["training"]) == {"config", "metrics", "history_tail"}  # the schema of `hpad train`
+    assert tuned["training"]["config"]["seed"] == tuned["seed"] == 1 and tuned["k"] == 2
+    assert set(tuned["gate"]) == {"current", "candidate", "reason", "splits"} and tuned["tuned_by"] == "hpad tune"
     # warm start from the first candidate's artifact: the second run starts where the first ended
     artifact = read_artifact(build_artifact_bytes(first.result.prompts, version=1, ctx=first.result.ctx))
     second = tune_category(tiny_scorer, "widget", normals, artifact.prompts, config, current_artifact=artifact, seed=2)
