@@ -139,13 +139,19 @@ def pack_mask_bits(maps: torch.Tensor, size: tuple[int, int], threshold: float) 
     [B] int64 anomalous-pixel counts). Runs on the maps' device, so only the bits cross to the host."""
     binary = resize_maps(maps, size) >= threshold  # [B, H, W]
     counts = binary.sum(dim=(1, 2))
-    width = binary.shape[-1]
-    pad = (-width) % 8
+    if binary.device.type == "cpu":  # numpy's packbits: the same bytes, 20x faster than the tensor ops here
+        return torch.from_numpy(np.packbits(binary.numpy(), axis=-1)), counts
+    return pack_bits(binary), counts
+
+
+def pack_bits(binary: torch.Tensor) -> torch.Tensor:
+    """bool [..., W] -> uint8 [..., ceil(W/8)], most significant bit first (``np.packbits`` on any device)."""
+    pad = (-binary.shape[-1]) % 8
     if pad:
         binary = F.pad(binary, (0, pad))
-    weights = (1 << torch.arange(7, -1, -1, device=maps.device)).to(torch.uint8)  # 128 ... 1, made on the device
-    groups = binary.reshape(*binary.shape[:-1], -1, 8).to(torch.uint8)  # [B, H, W/8, 8]
-    return (groups * weights).sum(dim=-1, dtype=torch.uint8), counts
+    weights = (1 << torch.arange(7, -1, -1, device=binary.device)).to(torch.uint8)  # 128 ... 1, made on the device
+    groups = binary.reshape(*binary.shape[:-1], -1, 8).to(torch.uint8)  # [..., W/8, 8]
+    return (groups * weights).sum(dim=-1, dtype=torch.uint8)
 
 
 def _groups(sizes: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], list[int]]:
