@@ -83,7 +83,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from hpad.attention import locality_additive_mask
-from hpad.errors import ConfigError, FrameError
+from hpad.errors import ConfigError
+from hpad.frames import gray_or_rgb
 
 if TYPE_CHECKING:
     from hpad.scorer import Scorer
@@ -246,19 +247,6 @@ class Synthetic:
 # ============================================================================================== object region
 
 
-def _as_gray_or_rgb(frame: np.ndarray) -> np.ndarray:
-    """uint8 HxW / HxWx1 / HxWx3 / HxWx4 -> HxW or HxWx3 (alpha dropped)."""
-    if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8:
-        raise FrameError("bad_image", "OAGM expects uint8 numpy frames")
-    if frame.ndim == 3 and frame.shape[2] == 1:
-        return frame[:, :, 0]
-    if frame.ndim == 3 and frame.shape[2] == 4:
-        return frame[:, :, :3]
-    if frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] == 3):
-        return frame
-    raise FrameError("bad_image", f"expected HxW, HxWx1, HxWx3 or HxWx4 pixels, got shape {frame.shape}")
-
-
 def border_ring(shape: tuple[int, int], width: int) -> np.ndarray:
     """bool [H, W]: True on the outer ``width`` pixels (at least 1, at most half the short side)."""
     h, w = shape
@@ -367,7 +355,7 @@ def cls_attention(scorer: Scorer, frames: Sequence[np.ndarray]) -> np.ndarray:
 
 def colour_cue(image: np.ndarray, ring_width: int) -> np.ndarray:
     """uint8 HxW or HxWx3 -> float32 [H, W]: Lab distance of each (blurred) pixel to the border's median colour."""
-    image = _as_gray_or_rgb(image)
+    image = gray_or_rgb(image)
     h, w = image.shape[:2]
     sigma = max(0.6, min(h, w) / 96.0)
     if image.ndim == 2:
@@ -497,7 +485,7 @@ def object_region(frame: np.ndarray, model_map: np.ndarray | None, params: Regio
     The model map's border statistics use its outermost patches; the colour cue's a pixel ring 3 % of the short
     side wide at the working resolution.
     """
-    frame = _as_gray_or_rgb(frame)
+    frame = gray_or_rgb(frame)
     small = _work_frame(frame, params.work_size)
     sh, sw = small.shape[:2]
     cues: dict[str, Cue] = {}
@@ -539,7 +527,7 @@ def object_masks(scorer: Scorer, frames: Sequence[np.ndarray], config: OAGMConfi
     params = (config or OAGMConfig()).region
     if len(frames) == 0:
         return []
-    frames = [_as_gray_or_rgb(f) for f in frames]
+    frames = [gray_or_rgb(f) for f in frames]
     maps = model_saliency(scorer, frames, params.model_signal)
     return [object_region(frame, sal, params) for frame, sal in zip(frames, maps, strict=True)]
 
@@ -693,7 +681,7 @@ def _restore(out: np.ndarray, original: np.ndarray) -> np.ndarray:
 
 
 def _prepare(image: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    image = _as_gray_or_rgb(image)
+    image = gray_or_rgb(image)
     region = np.asarray(region, bool)
     if region.shape != image.shape[:2]:
         raise ConfigError(f"region {region.shape} does not match image {image.shape[:2]}")
@@ -962,7 +950,7 @@ def synthesize(
     """
     config = config or OAGMConfig()
     original = image
-    image = _as_gray_or_rgb(image)
+    image = gray_or_rgb(image)
     area = np.asarray(_region_array(region), bool)
     if area.shape != image.shape[:2]:
         raise ConfigError(f"region {area.shape} does not match image {image.shape[:2]}")
@@ -1013,7 +1001,7 @@ class SheetRow:
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:
-    image = _as_gray_or_rgb(image)
+    image = gray_or_rgb(image)
     return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.ndim == 2 else image
 
 
