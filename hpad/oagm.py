@@ -82,7 +82,6 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from hpad.attention import locality_additive_mask
 from hpad.errors import ConfigError
 from hpad.frames import gray_or_rgb
 
@@ -303,17 +302,11 @@ def feature_saliency_tensor(patches: torch.Tensor, grid: tuple[int, int], refere
 def last_block_input(scorer: Scorer, pixels: torch.Tensor) -> torch.Tensor:
     """Normalised pixels [B, 3, S, S] -> tokens entering the tower's last block [B, 1+N, C].
 
-    Runs the blocks before the last one exactly as `LocalityAwareEncoder.run_blocks` does (same LAA mask).
+    The scorer's own encoder runs the blocks before the last one (`LocalityAwareEncoder.run_blocks` with
+    ``stop=-1``: the same per-block forward and LAA mask as scoring).
     """
     encoder = scorer.encoder
-    blocks = list(encoder.visual.transformer.resblocks)
-    x = encoder.visual._embeds(pixels)
-    for index, block in enumerate(blocks[:-1]):
-        mask = None
-        if index >= encoder.first_masked:
-            mask = locality_additive_mask(encoder.grid, encoder.config.radius, x.dtype, x.device)
-        x = block(x, attn_mask=mask)
-    return x
+    return encoder.run_blocks(encoder.visual._embeds(pixels), stop=-1)
 
 
 def block_cls_attention(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
