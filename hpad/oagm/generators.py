@@ -31,7 +31,7 @@ from hpad.errors import ConfigError
 from hpad.frames import gray_or_rgb
 from hpad.oagm.config import DefectParams
 from hpad.oagm.noise import fractal_noise, perlin_noise
-from hpad.oagm.shapes import Box, _box, _defect_size, _irregular_blob, _object_size, _sample_centre
+from hpad.oagm.shapes import Box, _blob_site, _box, _defect_size, _object_size, _sample_centre
 
 # ============================================================================================== generator core
 
@@ -127,9 +127,7 @@ def _inverted_blob(
     rng: np.random.Generator, image: np.ndarray, region: np.ndarray, params: DefectParams
 ) -> tuple[np.ndarray, np.ndarray]:
     """Guaranteed-visible fallback: every pixel of a small blob moves by exactly 128 levels (v XOR 128)."""
-    size = _defect_size(rng, region, params)
-    cy, cx = _sample_centre(rng, region, size / 2)
-    box, foot = _irregular_blob(rng, cy, cx, size, image.shape[:2])
+    _, box, foot = _blob_site(rng, region, params, image.shape[:2])
     y0, y1, x0, x1 = box
     content = (_channels(image)[y0:y1, x0:x1] ^ np.uint8(128)).astype(np.float32)
     return _finish(image, box, content, foot.astype(np.float32), region, params.tolerance)
@@ -143,9 +141,7 @@ def noise_patch(
     rng: np.random.Generator, image: np.ndarray, region: np.ndarray, params: DefectParams
 ) -> tuple[np.ndarray, np.ndarray]:
     """Irregular blob of strong Gaussian noise (added) or uniform noise (replacing the pixels)."""
-    size = _defect_size(rng, region, params)
-    cy, cx = _sample_centre(rng, region, size / 2)
-    box, foot = _irregular_blob(rng, cy, cx, size, image.shape[:2])
+    _, box, foot = _blob_site(rng, region, params, image.shape[:2])
     y0, y1, x0, x1 = box
     src = _channels(image)[y0:y1, x0:x1].astype(np.float32)
     shape = src.shape if rng.random() < 0.7 else (*src.shape[:2], 1)  # colour or luminance noise
@@ -238,9 +234,7 @@ def color_shift(
     rng: np.random.Generator, image: np.ndarray, region: np.ndarray, params: DefectParams
 ) -> tuple[np.ndarray, np.ndarray]:
     """Colour / intensity shift (plus a contrast change) with soft edges inside an irregular blob."""
-    size = _defect_size(rng, region, params)
-    cy, cx = _sample_centre(rng, region, size / 2)
-    box, foot = _irregular_blob(rng, cy, cx, size, image.shape[:2])
+    size, box, foot = _blob_site(rng, region, params, image.shape[:2])
     y0, y1, x0, x1 = box
     src = _channels(image)[y0:y1, x0:x1].astype(np.float32)
     local = _local_mean(image, box, foot & region[y0:y1, x0:x1])
@@ -302,9 +296,7 @@ def missing_part(
 
     On a full-frame region, or when background and object look alike, a contrasting hole instead.
     """
-    size = _defect_size(rng, region, params)
-    cy, cx = _sample_centre(rng, region, size / 2)
-    box, foot = _irregular_blob(rng, cy, cx, size, image.shape[:2])
+    size, box, foot = _blob_site(rng, region, params, image.shape[:2])
     y0, y1, x0, x1 = box
     src = _channels(image)[y0:y1, x0:x1].astype(np.float32)
     local = _local_mean(image, box, foot & region[y0:y1, x0:x1])

@@ -63,3 +63,13 @@ def _irregular_blob(rng: np.random.Generator, cy: int, cx: int, size: float, sha
     cv2.fillPoly(foot, [np.rint(pts * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
     foot[min(cy - y0, foot.shape[0] - 1), min(cx - x0, foot.shape[1] - 1)] = 1
     return box, foot.astype(bool)
+
+
+def _blob_site(
+    rng: np.random.Generator, region: np.ndarray, params: DefectParams, shape: tuple[int, int]
+) -> tuple[float, Box, np.ndarray]:
+    """A defect size and an irregular blob of that size centred in the region: (size, box, bool footprint)."""
+    size = _defect_size(rng, region, params)
+    cy, cx = _sample_centre(rng, region, size / 2)
+    box, foot = _irregular_blob(rng, cy, cx, size, shape)
+    return size, box, foot
