@@ -12,11 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hpad.attention import LAAConfig
-from hpad.backbone import Backbone, WeightsSpec, load_backbone
+from hpad.backbone import DEFAULT_MODEL, Backbone, WeightsSpec, default_pretrained_tag, load_backbone
 from hpad.cli import library_command
 from hpad.scorer import Scorer, ScorerConfig
-
-DEFAULT_MODEL = "ViT-B-16-plus-240"
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +40,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def weights_spec(ns: argparse.Namespace) -> WeightsSpec:
     pretrained = ns.pretrained
     if pretrained is None and ns.checkpoint is None and not ns.random_init:
-        pretrained = "laion400m_e32" if ns.model == DEFAULT_MODEL else "openai"
+        pretrained = default_pretrained_tag(ns.model)
     return WeightsSpec(
         model=ns.model,
         pretrained=pretrained,

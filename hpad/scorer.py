@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from hpad.attention import ImageTokens, LAAConfig, LocalityAwareEncoder
 from hpad.backbone import MAX_LOGIT_SCALE, Backbone
 from hpad.errors import ConfigError, FrameError
+from hpad.frames import check_frame
 from hpad.masks import PackedMask
 from hpad.prompts import ANOMALOUS, PromptSet, zero_shot_prompt_set
 
@@ -169,14 +170,9 @@ def frame_to_chw(frame: np.ndarray | torch.Tensor) -> torch.Tensor:
         if frame.dtype != torch.uint8 or frame.ndim != 3 or frame.shape[0] != 3 or min(frame.shape[1:]) < 1:
             raise FrameError("bad_image", f"expected a uint8 [3, H, W] tensor, got {frame.dtype} {tuple(frame.shape)}")
         return frame
-    if not isinstance(frame, np.ndarray):
-        raise FrameError("bad_image", f"expected a numpy array, got {type(frame).__name__}")
-    if frame.dtype != np.uint8:
-        raise FrameError("bad_image", f"expected uint8 pixels, got {frame.dtype}")
+    frame = check_frame(frame)
     if frame.ndim == 2:
         frame = frame[:, :, None]
-    if frame.ndim != 3 or frame.shape[2] not in (1, 3, 4) or min(frame.shape[:2]) < 1:
-        raise FrameError("bad_image", f"expected HxW, HxWx1, HxWx3 or HxWx4 pixels, got shape {frame.shape}")
     tensor = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)
     if tensor.shape[0] == 1:
         tensor = tensor.expand(3, -1, -1)
