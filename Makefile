@@ -8,7 +8,7 @@ STAMP := $(VENV)/.hpad-installed
 PROMTOOL := $(VENV)/bin/promtool
 DEMO_ARGS ?=
 
-.PHONY: venv test demo lint bench-scorer bench-train bench-stream bench-swap bench-soak deploy-check clean
+.PHONY: venv test demo lint bench-scorer bench-train bench-stream bench-swap bench-soak bench-host deploy-check clean
 
 venv: $(STAMP) $(PROMTOOL)
 
@@ -46,6 +46,9 @@ bench-swap: $(STAMP)
 
 bench-soak: $(STAMP)
 	$(PY) benchmarks/soak.py
+
+bench-host: $(STAMP)
+	$(PY) benchmarks/host.py
 
 # promtool (Prometheus rules checks of the deploy tests): the one on PATH, else extracted from Debian's
 # `prometheus` package into the venv: `apt-get download` needs no root, `dpkg -x` unpacks without installing.

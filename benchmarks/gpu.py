@@ -5,13 +5,14 @@ values, scores carry no meaning. Sections, each with its own time budget under o
 or row that would start after its budget is skipped and listed under ``skipped``; the JSON is rewritten after
 every section, so a run killed from outside still leaves what it measured):
 
-1. ``scorer``: `hpad.scorer.Scorer.score` frames/s for ViT-B-16-plus-240 at batch 1/8/32/64/128, bf16 and fp16,
-   LAA on and off, on uint8 numpy frames at the model size (240x240x3: host->device copy, no resize) and at
-   900x900x3 (copy, antialiased resize, maps resized back to 900x900), against open_clip's plain
+1. ``scorer``: `hpad.scorer.Scorer.score_batch` (what the worker calls: scores copied to the host, maps left on
+   the device, masks made later only for frames that need one) frames/s for ViT-B-16-plus-240 at batch
+   1/8/32/64/128, bf16 and fp16, LAA on and off, on uint8 numpy frames at the model size (240x240x3:
+   host->device copy, no resize) and at 900x900x3 (pinned copy, antialiased resize on the device), against open_clip's plain
    ``model.encode_image`` on already-resized, already-on-device normalised [B, 3, 240, 240] tensors, same
    process and precision, under ``torch.inference_mode``. Warm-up calls, then variants interleaved per repeat,
    each repeat timing enough calls for ``--min-repeat-s`` between ``torch.cuda.synchronize()`` calls; medians.
-   ``ratio`` = Scorer.score time / encode_image time. Goals: ratio <= 1.10 and >= 5000 frames/s at batch >= 64
+   ``ratio`` = Scorer.score_batch time / encode_image time. Goals: ratio <= 1.10 and >= 5000 frames/s at batch >= 64
    in bf16. ``torch.cuda.max_memory_allocated`` per row (peak of its warm-up).
 2. ``e2e``: an embedded broker (tansu) on 127.0.0.1, an input topic of ``--partitions`` partitions holding a
    pre-published backlog of JPEG q90 900x900 frames (MVTec bottle test images when ../shared/data is present,
@@ -575,7 +576,7 @@ def scorer_rows(plan: Plan, device: torch.device, backbone: Any, model: torch.nn
     for kind in ("model", "big"):
         for flag in (True, False):
             name = f"score {kind} laa={'on' if flag else 'off'}"
-            variants[name] = lambda s=scorers[flag], f=frames[kind], p=prompts[flag]: s.score(f, p)
+            variants[name] = lambda s=scorers[flag], f=frames[kind], p=prompts[flag]: s.score_batch(f, p)
     start = time.time()
     stats = time_variants(variants, device, plan, budget)
     end = time.time()
@@ -1201,12 +1202,12 @@ def render_markdown(payload: dict[str, Any]) -> str:
     ]
     scorer = sections.get("scorer")
     if scorer and scorer.get("rows"):
-        lines += ["", f"## 1. Scorer.score vs encode_image: {scorer['model']} on {scorer['device']}, "
+        lines += ["", f"## 1. Scorer.score_batch vs encode_image: {scorer['model']} on {scorer['device']}, "
                   f"frames: {scorer['frames']}", "",
                   "| precision | batch | what | frames | frames/s | encode_image frames/s | ratio (time) | "
                   "peak alloc (MiB) |", "|---|---|---|---|---|---|---|---|"]
         for r in scorer["rows"]:
-            what = "encode_image" if r["variant"] == "encode_image" else f"Scorer.score, LAA {'on' if r['laa'] else 'off'}"
+            what = "encode_image" if r["variant"] == "encode_image" else f"Scorer.score_batch, LAA {'on' if r['laa'] else 'off'}"
             speed = fmt(r["fps"]) if r.get("fps") is not None else f"error: {(r.get('error') or '?')[:80]}"
             lines.append(f"| {r['precision']} | {r['batch']} | {what} | {r['frames']} | {speed} | "
                          f"{fmt(r['encode_image_fps'])} | {fmt(r['ratio'], 2)} | {fmt(r['peak_mem_mib'])} |")

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from hpad.config import DEFAULT_MODEL, default_pretrained
+from hpad.defaults import DEFAULT_MODEL, default_pretrained_tag
 from hpad.errors import ConfigError
 
 ENV_PREFIX = "HPAD_"
@@ -122,7 +122,7 @@ class ModelSettings(KafkaSettings):
         """The pretrained tag to load: explicit, or the model's default when no other source is set."""
         if self.pretrained is not None or self.checkpoint is not None or self.random_init:
             return self.pretrained
-        return default_pretrained(self.model)
+        return default_pretrained_tag(self.model)
 
     @property
     def random_weights(self) -> bool:

@@ -33,6 +33,7 @@ from safetensors.torch import save as st_save
 
 from hpad.attention import LAAConfig
 from hpad.errors import ArtifactError, ConfigError
+from hpad.io import atomic_write_bytes
 from hpad.prompts import PromptSet
 
 FORMAT = "hpad-prompts"
@@ -117,13 +118,11 @@ def build_artifact_bytes(
 
 
 def save_artifact(path: Path, data: bytes) -> Path:
-    """Write atomically (temp file + rename): a crash never leaves a half-written artifact at ``path``."""
+    """Write atomically and durably (`hpad.io.atomic_write_bytes`: temp file, fsync, rename, fsync of the
+    folder): a crash never leaves a half-written artifact at ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-    return path
+    return atomic_write_bytes(path, data)
 
 
 def _header(data: bytes) -> dict[str, Any]:

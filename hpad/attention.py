@@ -175,10 +175,15 @@ class LocalityAwareEncoder:
             return masked_block_forward(block, x, self._allowed_mask(x))
         return block(x, attn_mask=self._attn_mask(x))
 
-    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """Transformer blocks over embedded tokens x: [B, 1+N, C] -> [B, 1+N, C]."""
-        for index, block in enumerate(self.visual.transformer.resblocks):
-            x = self.block_forward(index, block, x)
+    def run_blocks(self, x: torch.Tensor, stop: int | None = None) -> torch.Tensor:
+        """Transformer blocks over embedded tokens x: [B, 1+N, C] -> [B, 1+N, C].
+
+        ``stop`` runs only the blocks before it (slice semantics: ``stop=-1`` = all but the last block, the
+        tokens entering the last one); None runs them all.
+        """
+        blocks = self.visual.transformer.resblocks
+        for index in range(len(blocks))[:stop]:
+            x = self.block_forward(index, blocks[index], x)
         return x
 
     def __call__(self, pixels: torch.Tensor) -> ImageTokens:

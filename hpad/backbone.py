@@ -11,7 +11,8 @@ Three ways to get weights, chosen by `WeightsSpec`:
   every report hpad writes says "random weights".
 
 hpad ships small architectures (``hpad-tiny``, ``hpad-small``) as open_clip JSON configs in
-``hpad/model_configs``; they are registered with open_clip on import of this module.
+``hpad/model_configs``; they are registered with open_clip on import of this module. The default model and its
+default weights tag (`DEFAULT_MODEL`, `default_pretrained_tag`) live in the import-light `hpad.defaults`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import open_clip
 import torch
 from open_clip.pretrained import download_pretrained, get_pretrained_cfg, list_pretrained_tags_by_model
 
+from hpad.defaults import DEFAULT_MODEL as DEFAULT_MODEL  # re-exported: the default model and its weights tag
+from hpad.defaults import default_pretrained_tag as default_pretrained_tag
 from hpad.errors import ConfigError, WeightsNotFoundError
 
 log = logging.getLogger(__name__)
@@ -44,7 +47,7 @@ MAX_LOGIT_SCALE = 100.0  # CLIP clamps its learned temperature here
 class WeightsSpec:
     """Which architecture and which weights to load. Exactly one weights source must be chosen."""
 
-    model: str = "ViT-B-16-plus-240"
+    model: str = DEFAULT_MODEL
     pretrained: str | None = None
     checkpoint: Path | None = None
     random_init: bool = False

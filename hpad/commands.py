@@ -15,7 +15,7 @@ from pathlib import Path
 from hpad import config as model_config
 from hpad.attention import LAAConfig
 from hpad.backbone import Backbone, WeightsSpec, load_backbone
-from hpad.config import DEFAULT_MODEL
+from hpad.defaults import DEFAULT_MODEL
 from hpad.scorer import Scorer, ScorerConfig
 
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from hpad.attention import ImageTokens, LAAConfig, LocalityAwareEncoder
 from hpad.backbone import MAX_LOGIT_SCALE, Backbone
 from hpad.errors import ConfigError, FrameError
+from hpad.frames import check_frame
 from hpad.masks import PackedMask
 from hpad.prompts import ANOMALOUS, PromptSet, zero_shot_prompt_set
 
@@ -139,13 +140,19 @@ def pack_mask_bits(maps: torch.Tensor, size: tuple[int, int], threshold: float) 
     [B] int64 anomalous-pixel counts). Runs on the maps' device, so only the bits cross to the host."""
     binary = resize_maps(maps, size) >= threshold  # [B, H, W]
     counts = binary.sum(dim=(1, 2))
-    width = binary.shape[-1]
-    pad = (-width) % 8
+    if binary.device.type == "cpu":  # numpy's packbits: the same bytes, 20x faster than the tensor ops here
+        return torch.from_numpy(np.packbits(binary.numpy(), axis=-1)), counts
+    return pack_bits(binary), counts
+
+
+def pack_bits(binary: torch.Tensor) -> torch.Tensor:
+    """bool [..., W] -> uint8 [..., ceil(W/8)], most significant bit first (``np.packbits`` on any device)."""
+    pad = (-binary.shape[-1]) % 8
     if pad:
         binary = F.pad(binary, (0, pad))
-    weights = (1 << torch.arange(7, -1, -1, device=maps.device)).to(torch.uint8)  # 128 ... 1, made on the device
-    groups = binary.reshape(*binary.shape[:-1], -1, 8).to(torch.uint8)  # [B, H, W/8, 8]
-    return (groups * weights).sum(dim=-1, dtype=torch.uint8), counts
+    weights = (1 << torch.arange(7, -1, -1, device=binary.device)).to(torch.uint8)  # 128 ... 1, made on the device
+    groups = binary.reshape(*binary.shape[:-1], -1, 8).to(torch.uint8)  # [..., W/8, 8]
+    return (groups * weights).sum(dim=-1, dtype=torch.uint8)
 
 
 def _groups(sizes: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], list[int]]:
@@ -163,14 +170,9 @@ def frame_to_chw(frame: np.ndarray | torch.Tensor) -> torch.Tensor:
         if frame.dtype != torch.uint8 or frame.ndim != 3 or frame.shape[0] != 3 or min(frame.shape[1:]) < 1:
             raise FrameError("bad_image", f"expected a uint8 [3, H, W] tensor, got {frame.dtype} {tuple(frame.shape)}")
         return frame
-    if not isinstance(frame, np.ndarray):
-        raise FrameError("bad_image", f"expected a numpy array, got {type(frame).__name__}")
-    if frame.dtype != np.uint8:
-        raise FrameError("bad_image", f"expected uint8 pixels, got {frame.dtype}")
+    frame = check_frame(frame)
     if frame.ndim == 2:
         frame = frame[:, :, None]
-    if frame.ndim != 3 or frame.shape[2] not in (1, 3, 4) or min(frame.shape[:2]) < 1:
-        raise FrameError("bad_image", f"expected HxW, HxWx1, HxWx3 or HxWx4 pixels, got shape {frame.shape}")
     tensor = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)
     if tensor.shape[0] == 1:
         tensor = tensor.expand(3, -1, -1)

@@ -141,3 +141,17 @@ def test_fast_masked_block_equals_additive_mask_path(tiny_backbone):
             fast = masked_block_forward(block, x, encoder._allowed_mask(x))
             reference = block(x, attn_mask=encoder._attn_mask(x))
             assert torch.allclose(fast, reference, atol=1e-5)
+
+
+def test_run_blocks_stops_before_a_block(tiny_backbone, pixels):
+    """run_blocks(x, stop=-1) gives the tokens entering the last block: one more block_forward ends the tower."""
+    visual = tiny_backbone.model.visual
+    blocks = visual.transformer.resblocks
+    encoder = LocalityAwareEncoder(visual, LAAConfig(layers=2, radius=1))
+    with torch.no_grad():
+        x = visual._embeds(pixels)
+        before_last = encoder.run_blocks(x, stop=-1)
+        assert torch.equal(encoder.run_blocks(x, stop=len(blocks) - 1), before_last)
+        assert torch.equal(encoder.run_blocks(x, stop=0), x)
+        full = encoder.block_forward(len(blocks) - 1, blocks[-1], before_last)
+        assert torch.equal(full, encoder.run_blocks(x))

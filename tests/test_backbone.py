@@ -95,3 +95,12 @@ def test_unknown_tag_and_model_and_sources_are_config_errors(tmp_path):
         WeightsSpec(model="hpad-tiny")
     with pytest.raises(ConfigError, match="fp16"):
         load_backbone(WeightsSpec(model="hpad-tiny", random_init=True), device="cpu", precision="fp16")
+
+
+def test_default_model_and_tag_have_one_home() -> None:
+    """The default model and its weights tag come from hpad.defaults (re-exported by hpad.backbone)."""
+    from hpad import backbone, defaults
+
+    assert backbone.DEFAULT_MODEL == defaults.DEFAULT_MODEL == WeightsSpec(random_init=True).model
+    assert defaults.default_pretrained_tag(defaults.DEFAULT_MODEL) == "laion400m_e32"
+    assert defaults.default_pretrained_tag("ViT-B-16") == "openai"

@@ -85,7 +85,7 @@ def test_library_imports_no_service_code():
             "{name.split('.')[0] for name in sys.modules}; print(sorted(bad))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
-    for path in Path(__file__).resolve().parents[1].joinpath("hpad").glob("*.py"):
+    for path in Path(__file__).resolve().parents[1].joinpath("hpad").rglob("*.py"):
         text = path.read_text()
         for name in ("consumers", "tuner", "kafka", "pydantic_settings", "prometheus_client"):
             assert f"import {name}" not in text and f"from {name}" not in text, (path, name)

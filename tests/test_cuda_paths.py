@@ -150,3 +150,10 @@ def test_padded_additive_laa_mask_equals_the_boolean_one(tiny_backbone):
     with torch.inference_mode():
         torch.testing.assert_close(masked_block_forward(block, x, additive), masked_block_forward(block, x, ~blocked),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_device_bit_packing_equals_numpy():
+    from hpad.scorer import pack_bits
+
+    binary = torch.from_numpy(np.random.default_rng(0).random((3, 7, 45)) > 0.5)
+    assert np.array_equal(pack_bits(binary).numpy(), np.packbits(binary.numpy(), axis=-1))

@@ -51,6 +51,7 @@ from consumers.settings import (
 )
 from hpad.artifact import PromptArtifact, read_artifact
 from hpad.errors import ConfigError, FrameError, HpadError
+from hpad.io import atomic_write_text
 from hpad.mpts import Pool
 from hpad.scorer import Scorer
 from tuner.job import TuneOutcome, candidate_artifact, encode_labelled, tune_category
@@ -109,12 +110,7 @@ def load_state(path: Path) -> dict[str, CategoryState]:
 
 def save_state(path: Path, states: dict[str, CategoryState]) -> None:
     """Atomic write (temporary file, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump({c: asdict(s) for c, s in states.items()}, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({c: asdict(s) for c, s in states.items()}, indent=1, sort_keys=True))
 
 
 def is_verified(headers: Sequence[tuple[str, bytes | None]] | None) -> bool:

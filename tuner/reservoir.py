@@ -12,9 +12,7 @@ read-only volume) raises `ReservoirWriteError`; the reservoir stays consistent a
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
 from collections import deque
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ import cv2
 import numpy as np
 
 from hpad.errors import ConfigError, HpadError
+from hpad.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -137,17 +136,10 @@ class Reservoir:
         ok, encoded = cv2.imencode(".png", bgr)
         if not ok:
             raise ReservoirWriteError(f"frame {frame_id} could not be encoded as PNG")
-        tmp = folder / f".{path.name}.tmp"
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as fh:
-                fh.write(encoded.tobytes())
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            atomic_write_bytes(path, encoded.tobytes())  # removes its temporary file on an error
         except OSError as exc:
-            with contextlib.suppress(OSError):  # the cleanup can fail for the same reason (no directory, EIO)
-                tmp.unlink(missing_ok=True)
             raise ReservoirWriteError(f"cannot write reservoir sample {path}: {exc.strerror or exc}") from exc
         self._next_seq[category] = seq + 1
         ref = SampleRef(category, pool, seq, safe_id, path)
