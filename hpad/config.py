@@ -10,16 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hpad.defaults import DEFAULT_MODEL, default_pretrained_tag
+
 if TYPE_CHECKING:
     from hpad.backbone import WeightsSpec
     from hpad.scorer import ScorerConfig
-
-DEFAULT_MODEL = "ViT-B-16-plus-240"
-
-
-def default_pretrained(model: str) -> str:
-    """The pretrained tag loaded when no weights source is given: laion400m_e32 for the default model."""
-    return "laion400m_e32" if model == DEFAULT_MODEL else "openai"
 
 
 def weights_spec(
@@ -31,11 +26,11 @@ def weights_spec(
     allow_download: bool = False,
     seed: int = 0,
 ) -> WeightsSpec:
-    """The weights to load; with no source chosen, the model's default pretrained tag."""
+    """The weights to load; with no source chosen, the model's default pretrained tag (`hpad.defaults`)."""
     from hpad.backbone import WeightsSpec
 
     if pretrained is None and checkpoint is None and not random_init:
-        pretrained = default_pretrained(model)
+        pretrained = default_pretrained_tag(model)
     return WeightsSpec(model=model, pretrained=pretrained, checkpoint=checkpoint, random_init=random_init,
                        cache_dir=cache_dir, allow_download=allow_download, seed=seed)
 

@@ -8,7 +8,8 @@ import pytest
 
 from hpad.attention import LAAConfig
 from hpad.backbone import WeightsSpec
-from hpad.config import DEFAULT_MODEL, scorer_config, weights_spec
+from hpad.config import scorer_config, weights_spec
+from hpad.defaults import DEFAULT_MODEL
 from hpad.errors import ConfigError
 from hpad.scorer import ScorerConfig
 
