@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from hpad.data import CategoryData, Sample, read_image, read_mask
-from hpad.metrics import EvalMetrics, eval_metrics
+from hpad.metrics import EvalMetrics, compute_all
 from hpad.prompts import PromptSet
 from hpad.scorer import Scorer
 
@@ -57,14 +57,14 @@ def _masks_for(samples: Sequence[Sample], maps: Sequence[np.ndarray]) -> list[np
 def metric_table(samples: Sequence[Sample], scores: np.ndarray, maps: Sequence[np.ndarray],
                  masks: Sequence[np.ndarray]) -> tuple[EvalMetrics, dict[str, EvalMetrics]]:
     labels = np.array([s.label for s in samples])
-    overall = eval_metrics(labels, scores, masks, maps)
+    overall = EvalMetrics(**compute_all(labels, scores, masks, maps))
     per_defect: dict[str, EvalMetrics] = {}
     good = [i for i, s in enumerate(samples) if s.label == 0]
     for defect in sorted({s.defect_type for s in samples if s.label == 1}):
         idx = good + [i for i, s in enumerate(samples) if s.defect_type == defect]
-        per_defect[defect] = eval_metrics(
+        per_defect[defect] = EvalMetrics(**compute_all(
             labels[idx], scores[idx], [masks[i] for i in idx], [maps[i] for i in idx]
-        )
+        ))
     return overall, per_defect
 
 

@@ -41,7 +41,6 @@ __all__ = [
     "PoolMetrics",
     "aupro",
     "compute_all",
-    "eval_metrics",
     "f1_max",
     "f1_max_threshold",
     "image_auroc",
@@ -376,13 +375,3 @@ class PoolMetrics:
     def to_json(self) -> dict[str, float]:
         return _present(asdict(self))
 
-
-def eval_metrics(
-    labels: npt.ArrayLike,
-    scores: npt.ArrayLike,
-    masks: MaskStack | None = None,
-    maps: MaskStack | None = None,
-    fpr_limit: float = 0.3,
-) -> EvalMetrics:
-    """`compute_all` as a typed result."""
-    return EvalMetrics(**compute_all(labels, scores, masks, maps, fpr_limit))

@@ -16,33 +16,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import Any
-
-import numpy as np
-import torch
 
 from hpad.artifact import build_artifact_bytes
 from hpad.errors import ConfigError
-from hpad.mpts import TrainConfig, TrainResult, train_prompts
-from hpad.scorer import Scorer
+from hpad.mpts import TrainResult, train_prompts
 
 HISTORY_TAIL = 3
 
 
-def train(
-    scorer: Scorer,
-    normals: Sequence[np.ndarray],
-    category: str,
-    config: TrainConfig,
-    *,
-    init_ctx: torch.Tensor | None = None,
-    val_normals: Sequence[np.ndarray] = (),
-    progress: Callable[[int, dict[str, float]], None] | None = None,
-) -> TrainResult:
-    """Learn and calibrate a prompt set for ``category`` from ``normals`` (see `hpad.mpts.train_prompts`)."""
-    return train_prompts(scorer, normals, category, config, init_ctx=init_ctx, val_normals=val_normals,
-                         progress=progress)
+train = train_prompts
+"""Learn and calibrate a prompt set for a category from k normals: `hpad.mpts.train_prompts`."""
 
 
 def training_manifest(result: TrainResult) -> dict[str, Any]:
