@@ -430,7 +430,8 @@ class Tuner:
         return encode_labelled(self.scorer, images, masks) if images else None
 
     def _artifact(self, outcome: TuneOutcome, current, seed: int) -> PromptArtifact:
-        return read_artifact(candidate_artifact(outcome, k=self.settings.shots, image_size=self.scorer.backbone.image_size,
+        return read_artifact(candidate_artifact(outcome, k=self.settings.shots,
+                                                image_size=self.scorer.backbone.image_size,
                                                 warm_start_from=current.version))
 
 
