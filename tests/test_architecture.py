@@ -14,6 +14,7 @@ rules also see the imports inside functions.
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,13 @@ def test_tuner_imports_only_the_consumers_kernel():
     bad = [imp for imp in IMPORTS if top(imp.source) == "tuner" and top(imp.target) == "consumers"
            and imp.target not in TUNER_MAY_IMPORT]
     assert not bad, f"the tuner may import only {sorted(TUNER_MAY_IMPORT)} of consumers:\n" + _report(bad)
+
+
+def test_the_kernel_is_the_one_consumers_documents():
+    doc = (ROOT / "consumers" / "__init__.py").read_text()
+    kernel_part = doc.split("The service kernel")[1].split("The scoring worker")[0]
+    named = {f"consumers.{name}" for name in re.findall(r"`(\w+)`", kernel_part)} & set(first_party_modules())
+    assert named == CONSUMERS_KERNEL
 
 
 def test_the_kernel_imports_no_other_consumers_module():
