@@ -232,8 +232,6 @@ class Worker(Stoppable):
         while (reason := self._stop_reason(max_frames, deadline)) is None:
             self.health.beat()
             self.metrics.heartbeat.set_to_current_time()
-            checkpoint.commit()
-            self._update_lag()
             room = pipeline.has_room()
             self._set_paused(batch.full() and not room)  # the scorer is behind: keep polling, fetch nothing
             blocked = not room and batch.ready(pipeline.idle())
@@ -245,6 +243,8 @@ class Worker(Stoppable):
                 pipeline.dispatch(batch.take())
             elif blocked:
                 pipeline.wait_room(0.05)  # the scorer is busy: sleep until it takes a batch (no spinning)
+            checkpoint.commit()  # what the output stage acknowledged so far (throttled after a failure)
+            self._update_lag()
             self.metrics.inflight.set(self.book.pending())
         if len(batch):
             log.info("stopping: %d polled frames not started stay uncommitted", len(batch))
