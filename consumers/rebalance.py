@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from kafka import AsyncConsumerRebalanceListener, KafkaConsumer
 from kafka.future import Future as KafkaFuture
@@ -27,7 +28,9 @@ class Rebalancer(AsyncConsumerRebalanceListener):
     """Async listener: awaiting keeps kafka-python's IO loop (and heartbeats) running while we drain."""
 
     def __init__(self, consumer: KafkaConsumer, checkpoint: Checkpoint, pipeline: Pipeline, health: Health,
-                 metrics: WorkerMetrics, revoke_timeout_s: float) -> None:
+                 metrics: WorkerMetrics, revoke_timeout_s: float,
+                 on_assigned: Callable[[set[TopicPartition]], None] | None = None) -> None:
+        self.on_assigned = on_assigned  # told first when partitions arrive
         self.consumer, self.checkpoint, self.book, self.pipeline = consumer, checkpoint, checkpoint.book, pipeline
         self.health, self.metrics, self.revoke_timeout_s = health, metrics, revoke_timeout_s
         self.changes = 0  # revokes, losses and tracking resets so far
@@ -74,6 +77,8 @@ class Rebalancer(AsyncConsumerRebalanceListener):
 
     def assigned(self, assigned: set[TopicPartition]) -> None:
         """Partitions arrived: those that came back are rewound to their first unfinished record."""
+        if self.on_assigned is not None:
+            self.on_assigned(assigned)
         self.log.append(("assigned", frozenset(assigned)))
         with self._rewind_lock:
             for tp in assigned & set(self._rewind):

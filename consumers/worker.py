@@ -103,6 +103,10 @@ class Worker(Stoppable):
         return [] if self.rebalance is None else self.rebalance.log
 
     # ------------------------------------------------------------------------------ public
+    def assigned(self, assigned: set[TopicPartition]) -> None:
+        """Hook, called when partitions arrive, before `Rebalancer.assigned` seeks them (benchmarks/host.py
+        times the group join with it); does nothing here."""
+
     def run(self, max_frames: int | None = None, timeout: float | None = None,
             install_signals: bool | None = None) -> RunResult:
         """Consume until stopped (signal, `request_stop`), ``max_frames`` completed, or ``timeout`` seconds."""
@@ -169,7 +173,7 @@ class Worker(Stoppable):
         self.checkpoint = Checkpoint(self.book, self.consumer, self.metrics, s.exactly_once,
                                      kafka_io.Backoff(s.retry_backoff_ms / 1000, s.retry_backoff_max_ms / 1000))
         self.rebalance = Rebalancer(self.consumer, self.checkpoint, self.pipeline, self.health, self.metrics,
-                                    s.revoke_timeout_ms / 1000)
+                                    s.revoke_timeout_ms / 1000, on_assigned=self.assigned)
         self.consumer.subscribe([s.input_topic], listener=self.rebalance)
         self.pipeline.start()
         log.info("worker %s consuming %s as group %s (model %s, weights %s)", self.name, s.input_topic,
