@@ -58,10 +58,10 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from benchmarks.common import SHARED_DATA, machine, median, write_results
 from consumers import contract as c
-from consumers.app import model_info
 from consumers.broker import EmbeddedBroker
 from consumers.camera import frame_headers
 from consumers.decode import decode_frame, jpeg_scale, scaled_size
+from consumers.models import model_info
 from consumers.prompt_provider import StaticPromptProvider
 from consumers.settings import WorkerSettings
 from consumers.worker import Worker

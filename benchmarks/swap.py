@@ -36,10 +36,11 @@ import torch
 from kafka import KafkaConsumer, KafkaProducer
 
 from benchmarks.common import machine, read_records, sample_frames, write_results
-from consumers.app import build_provider, build_scorer, model_info
+from consumers.app import build_provider
 from consumers.broker import EmbeddedBroker
 from consumers.camera import frame_headers
 from consumers.metrics import WorkerMetrics
+from consumers.models import build_scorer, model_info
 from consumers.settings import WorkerSettings, producer_kwargs, prompts_consumer_kwargs
 from consumers.worker import Worker
 from hpad.artifact import build_artifact_bytes, read_artifact

@@ -14,47 +14,19 @@ import logging
 import sys
 from collections.abc import Sequence
 
-import torch
 from kafka.errors import KafkaError
 
 from consumers import kafka_io
-from consumers.events import ModelInfo
-from consumers.metrics import Health, WorkerMetrics, start_metrics_server
+from consumers.metrics import Health, WorkerMetrics
+from consumers.models import build_scorer, model_info
 from consumers.prompt_provider import KafkaPromptProvider, PromptProvider, StaticPromptProvider
-from consumers.settings import (
-    ModelSettings,
-    WorkerSettings,
-    parse_service_args,
-    prompts_consumer_kwargs,
-)
+from consumers.service import Telemetry, run_main
+from consumers.settings import WorkerSettings, parse_service_args, prompts_consumer_kwargs
 from consumers.worker import Worker
-from hpad.backbone import load_backbone
-from hpad.config import scorer_config, weights_spec
 from hpad.errors import ConfigError
 from hpad.scorer import Scorer
 
 log = logging.getLogger("hpad.serve")
-
-
-def build_scorer(settings: ModelSettings, max_batch: int = 8) -> Scorer:
-    """The model named by the settings, wrapped in a Scorer with the settings' LAA, sigma and batch size."""
-    if settings.torch_threads > 0:
-        torch.set_num_threads(settings.torch_threads)
-    spec = weights_spec(
-        model=settings.model, pretrained=settings.pretrained, checkpoint=settings.checkpoint,
-        random_init=settings.random_init, cache_dir=settings.cache_dir, allow_download=settings.allow_download,
-        seed=settings.seed,
-    )
-    backbone = load_backbone(spec, device=settings.device, precision=settings.precision)
-    return Scorer(backbone, config=scorer_config(laa=settings.laa, laa_layers=settings.laa_layers,
-                                                 laa_radius=settings.laa_radius, sigma=settings.sigma,
-                                                 max_batch=max_batch))
-
-
-def model_info(scorer: Scorer, precision: str) -> ModelInfo:
-    b = scorer.backbone
-    return ModelInfo(model=b.model_name, weights=b.weights_id, identity=b.identity, random_weights=b.random_weights,
-                     device=str(b.device), precision=precision)
 
 
 def build_worker(settings: WorkerSettings, metrics: WorkerMetrics | None = None,
@@ -83,29 +55,29 @@ def parse_args(argv: Sequence[str]) -> tuple[WorkerSettings, argparse.Namespace]
         ("--timeout", float, "stop after this many seconds")])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    settings, ns = parse_args(sys.argv[1:] if argv is None else argv)
-    for package in ("hpad", "consumers"):  # the root logger stays as the CLI set it (open_clip is chatty)
-        logging.getLogger(package).setLevel(settings.log_level)
-    if settings.workers > 1:  # a supervisor of that many single-worker children (consumers.supervisor)
-        from consumers.supervisor import supervise
-
-        return supervise(settings, sys.argv[1:] if argv is None else argv)
-    metrics = WorkerMetrics()
-    health = Health(settings.liveness_timeout_ms / 1000)
-    server = start_metrics_server(metrics, health, settings.metrics_host, settings.metrics_port)
-    try:
-        worker = build_worker(settings, metrics, health)
-        if worker.model.random_weights:
-            log.warning("RANDOM WEIGHTS: model %s is not pretrained; scores carry no meaning", worker.model.model)
-        result = worker.run(max_frames=ns.max_frames, timeout=ns.timeout)
-    except KafkaError as exc:
-        log.error("Kafka error: %s", exc)
-        return 1
-    finally:
-        if server is not None:
-            server.stop()
+def serve(settings: WorkerSettings, ns: argparse.Namespace, telemetry: Telemetry) -> int:
+    """One worker until it stops; its exit code."""
+    worker = build_worker(settings, telemetry.metrics, telemetry.health)
+    if worker.model.random_weights:
+        log.warning("RANDOM WEIGHTS: model %s is not pretrained; scores carry no meaning", worker.model.model)
+    result = worker.run(max_frames=ns.max_frames, timeout=ns.timeout)
     log.info("stopped (%s): %d frames done, drained=%s", result.reason, result.completed, result.drained)
     if result.error:
         log.error("%s", result.error)
     return result.exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+
+    def start(settings: WorkerSettings, ns: argparse.Namespace, telemetry: Telemetry | None) -> int:
+        if settings.workers > 1:  # a supervisor of that many single-worker children (consumers.supervisor)
+            from consumers.supervisor import supervise
+
+            return supervise(settings, args)
+        assert telemetry is not None
+        return serve(settings, ns, telemetry)
+
+    return run_main(args, parse_args, start, packages=("hpad", "consumers"),
+                    metrics=lambda settings: WorkerMetrics() if settings.workers == 1 else None,
+                    fatal=(KafkaError,), describe=lambda exc: f"Kafka error: {exc}", logger=log)

@@ -14,7 +14,6 @@ import argparse
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +26,7 @@ from kafka import KafkaProducer
 
 from consumers import contract as c
 from consumers import kafka_io
+from consumers.service import run_main, stop_signals
 from consumers.settings import CameraSettings, add_cli_flags, cli_overrides, load_settings, producer_kwargs
 from hpad.errors import ConfigError
 
@@ -121,7 +121,7 @@ def load_images(paths: Sequence[Path]) -> list[tuple[bytes, str]]:
     return [(path.read_bytes(), IMAGE_SUFFIXES[path.suffix.lower()]) for path in paths]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str]) -> tuple[CameraSettings, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog="hpad camera", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", type=Path, required=True, help="folder of images (searched recursively)")
     parser.add_argument("--rate", type=float, default=5.0, help="frames per second (0 = as fast as possible)")
@@ -132,16 +132,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--category", default="object", help="category header (which prompt set scores it)")
     parser.add_argument("--bootstrap", dest="bootstrap_servers", help="alias of --bootstrap-servers")
     add_cli_flags(parser, CameraSettings)
-    ns = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    ns = parser.parse_args(list(argv))
     settings = load_settings(CameraSettings, cli_overrides(ns, CameraSettings))
     assert isinstance(settings, CameraSettings)
+    return settings, ns
+
+
+def publish_folder(settings: CameraSettings, ns: argparse.Namespace, telemetry: object = None) -> int:
+    """Publish ``--dir`` until done, ``--frames`` or SIGTERM (finish the frame in hand, flush, exit 0)."""
     images = load_images(find_images(ns.dir))
     producer = KafkaProducer(**producer_kwargs(settings))
     camera = Camera(producer, settings.input_topic, ns.camera_id, ns.category, ns.cameras)
     stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())  # finish the frame in hand, flush, exit 0
     try:
-        sent = camera.stream(images, rate=ns.rate, frames=ns.frames, loop=ns.loop, stop=stopping.is_set)
+        with stop_signals(lambda signum: stopping.set(), install=True, signals=(signal.SIGTERM,)):
+            sent = camera.stream(images, rate=ns.rate, frames=ns.frames, loop=ns.loop, stop=stopping.is_set)
     except KeyboardInterrupt:
         log.info("interrupted after %d frames", camera.seq)
         return 130
@@ -149,3 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         producer.close()
     log.info("published %d frames to %s", len(sent), settings.input_topic)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(argv, parse_args, publish_folder, packages=(), fatal=(), logger=log)

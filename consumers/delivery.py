@@ -19,18 +19,15 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from consumers import kafka_io
+from consumers.items import FrameItem
 from consumers.metrics import WorkerMetrics
 from hpad.errors import HpadError
-
-if TYPE_CHECKING:
-    from consumers.pipeline import FrameItem
 
 log = logging.getLogger(__name__)
 

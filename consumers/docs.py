@@ -2,7 +2,8 @@
 
 The tables sit between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->`` markers and are produced
 from the settings classes and the metrics registry, so the document cannot drift from the code (a test
-compares them). ``python -m consumers.docs`` rewrites them in place.
+compares them). ``python -m consumers.docs`` rewrites the scorer's and camera's blocks in place,
+``python -m tuner.docs`` the tuner's (each package documents itself: consumers never imports the tuner).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from consumers.contract import REASONS
 from consumers.metrics import WorkerMetrics
-from consumers.settings import CameraSettings, KafkaSettings, ModelSettings, WorkerSettings, settings_table
+from consumers.settings import CameraSettings, KafkaSettings, WorkerSettings, settings_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -34,20 +35,18 @@ def reasons_table() -> str:
 
 
 def generated_blocks() -> dict[str, str]:
-    from tuner.metrics import TunerMetrics
-    from tuner.settings import TunerSettings
-
-    camera_only = [n for n in CameraSettings.model_fields if n not in KafkaSettings.model_fields or n == "client_id"]
-    shared = set(ModelSettings.model_fields)
-    tuner_only = [n for n in TunerSettings.model_fields if n not in shared or n == "client_id"]
+    """The blocks this package documents (the tuner's: `tuner.docs.generated_blocks`)."""
     return {
         "worker-settings": settings_table(WorkerSettings),
-        "camera-settings": settings_table(CameraSettings, fields=camera_only),
-        "tuner-settings": settings_table(TunerSettings, fields=tuner_only),
+        "camera-settings": settings_table(CameraSettings, fields=own_fields(CameraSettings, KafkaSettings)),
         "metrics": metrics_table(),
-        "tuner-metrics": metrics_table(TunerMetrics()),
         "reasons": reasons_table(),
     }
+
+
+def own_fields(cls: type[KafkaSettings], base: type[KafkaSettings]) -> list[str]:
+    """The settings of ``cls`` that ``base`` does not have (and ``client_id``, which every service sets)."""
+    return [n for n in cls.model_fields if n not in base.model_fields or n == "client_id"]
 
 
 def block(text: str, name: str) -> str | None:
@@ -55,11 +54,11 @@ def block(text: str, name: str) -> str | None:
     return None if match is None else match.group(1).rstrip("\n")
 
 
-def sync(path: Path = README) -> bool:
-    """Rewrite the generated blocks of ``path``; True when something changed."""
+def sync(path: Path = README, blocks: dict[str, str] | None = None) -> bool:
+    """Rewrite the generated blocks of ``path`` (default: this package's); True when something changed."""
     text = path.read_text()
     new = text
-    for name, table in generated_blocks().items():
+    for name, table in (generated_blocks() if blocks is None else blocks).items():
         if block(new, name) is None:
             raise SystemExit(f"{path} has no <!-- generated:{name} --> block")
         new = re.sub(rf"(<!-- generated:{name} -->\n).*?(<!-- /generated:{name} -->)",

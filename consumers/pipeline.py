@@ -9,7 +9,7 @@ Scoring (`ScoreStage`): one prompt snapshot per batch, frames grouped per catego
 scored by `hpad.scorer.Scorer.score`. Out-of-memory splits a sub-batch in halves; a single frame is retried
 with backoff, then dead-lettered (never dropped).
 
-Output (`OutputStage` + `consumers.delivery.Deliverer`): one event or dead letter per frame; flush; every
+Output (`consumers.output.OutputStage` + `consumers.delivery.Deliverer`): one event or dead letter per frame; flush; every
 delivery checked. An event the broker refuses (too large, invalid) becomes a dead letter; transient failures
 are re-sent with backoff; a dead letter the broker refuses stops the worker (`OutputDeliveryError`) and
 nothing after it is committed. A frame is marked done in the `OffsetBook` only once its output is
@@ -24,89 +24,29 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from kafka.structs import TopicPartition
 
 from consumers import contract as c
 from consumers import events as ev
 from consumers.decode import decode_frame, decode_jpeg_batch, inspect_frame
-from consumers.delivery import Deliverer, Output, OutputDeliveryError
+from consumers.delivery import Deliverer, OutputDeliveryError
+from consumers.items import Batch, FrameItem, PipelineConfig
 from consumers.metrics import WorkerMetrics
 from consumers.normals import NormalsSampler
 from consumers.offsets import OffsetBook
+from consumers.output import OutputStage, refusal_handler, utc_now
 from consumers.prompt_provider import PromptProvider, PromptSnapshot
 from hpad.errors import FrameError
-from hpad.masks import PackedMask
 from hpad.prompts import PromptSet
 from hpad.scorer import Scorer
 
 log = logging.getLogger(__name__)
-DLQ_HEADROOM = 16 * 1024  # bytes kept free for headers when a dead letter copies the original value
-
-
-@dataclass(eq=False)
-class FrameItem:
-    """One polled record on its way through the pipeline."""
-
-    record: ConsumerRecord
-    tp: TopicPartition
-    epoch: int
-    received: float  # time.monotonic() when poll returned it
-    meta: c.FrameMeta | None = None
-    size: tuple[int, int] | None = None  # (width, height) from the image header
-    error: FrameError | None = None
-    decoding: Future | None = None
-    encoded: bytes | None = None  # a JPEG left for the scorer's device to decode (gpu_decode)
-    pixels: np.ndarray | torch.Tensor | None = None
-    decode_s: float = 0.0
-    infer_start: float = 0.0
-    infer_s: float = 0.0
-    scored: ev.Scored | None = None
-    mask: PackedMask | None = None  # at the frame's full size, only when the mask policy wants it
-    batch_id: str = ""
-
-    def fail(self, error: FrameError) -> None:
-        self.error, self.pixels, self.encoded, self.mask = error, None, None, None
-
-    @property
-    def source(self) -> tuple[str, int, int]:
-        return self.record.topic, self.record.partition, self.record.offset
-
-
-@dataclass(eq=False)
-class Batch:
-    items: list[FrameItem]
-    seq: int = 0
-    created: float = field(default_factory=time.monotonic)
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    """The parts of the settings the stages need (kept small so tests can build stages directly)."""
-
-    events_topic: str
-    dlq_topic: str
-    worker_name: str
-    limits: c.Limits
-    default_category: str | None
-    mask_policy: str
-    max_request_size: int
-    exactly_once: bool = False
-    pipeline_depth: int = 2
-    decode_threads: int = 2
-    decode_scale: str = "auto"  # "auto": JPEG decoded at the smallest DCT scale >= the model's input size
-    gpu_decode: bool = False  # JPEG decoded on the scorer's device (nvJPEG)
-    oom_retries: int = 3
-    retry_backoff_s: float = 0.2
-    retry_backoff_max_s: float = 10.0
-    flush_timeout_s: float = 30.0
 
 
 def _timed_decode(meta: c.FrameMeta, data: bytes, size: tuple[int, int],
@@ -150,11 +90,11 @@ class Pipeline:
         # the model's input size: JPEGs are decoded at the smallest DCT scale that still covers it
         self.decode_target = scorer.backbone.image_size if config.decode_scale == "auto" else None
         self.score_stage = ScoreStage(config, scorer, metrics, self.hard_stop)
-        self.output_stage = OutputStage(config, None, metrics, model, book, consumer, sampler=sampler)
         self.deliverer = Deliverer(producer, producer_factory, metrics, self.hard_stop,
-                                   self.output_stage.refused_to_dead_letter, config.retry_backoff_s,
+                                   refusal_handler(config, utc_now), config.retry_backoff_s,
                                    config.retry_backoff_max_s, config.flush_timeout_s)
-        self.output_stage.deliverer = self.deliverer
+        self.output_stage = OutputStage(config, self.deliverer, metrics, model, book, consumer, clock=utc_now,
+                                        sampler=sampler)
         self._threads = [
             threading.Thread(target=self._score_loop, name="hpad-score", daemon=True),
             threading.Thread(target=self._output_loop, name="hpad-output", daemon=True),
@@ -407,109 +347,3 @@ class ScoreStage:
         log.warning("out of memory scoring one frame; retry %d in %.1f s", attempt + 1, delay)
         self.stop.wait(delay)
         self.score(items, prompts, attempt + 1)
-
-
-class OutputStage:
-    """Builds, sends, flushes and checks the outputs of one batch; marks frames done when acknowledged."""
-
-    def __init__(self, config: PipelineConfig, deliverer: Deliverer | None, metrics: WorkerMetrics,
-                 model: ev.ModelInfo, book: OffsetBook, consumer: KafkaConsumer | None = None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 sampler: NormalsSampler | None = None) -> None:
-        self.config, self.deliverer, self.metrics, self.model = config, deliverer, metrics, model
-        self.book, self.consumer, self.clock, self.sampler = book, consumer, clock, sampler
-
-    # ------------------------------------------------------------------------------ records
-    def event_record(self, item: FrameItem) -> Output:
-        meta, scored = item.meta, item.scored
-        assert meta is not None and scored is not None and item.size is not None
-        now = time.monotonic()
-        mask = ev.packed_mask_field(item.mask, scored.pixel_threshold) if item.mask is not None else None
-        timings = ev.Timings(queue=1000 * (item.infer_start - item.received), decode=1000 * item.decode_s,
-                             infer=1000 * item.infer_s, total=1000 * (now - item.received))
-        event = ev.build_event(meta, scored, self.model, timings, self.clock(), item.source, item.size, mask,
-                               item.batch_id)
-        value = ev.encode_event(event)
-        item.mask = None
-        key = meta.camera_id.encode("utf-8")
-        if len(value) + len(key) + 512 > self.config.max_request_size:
-            return self.dead_letter(item, "event_too_large", f"event is {len(value)} bytes (mask included), over "
-                                    f"the producer's max_request_size {self.config.max_request_size}")
-        return Output(item, self.config.events_topic, key, value, [("content-type", b"application/json")])
-
-    def dead_letter(self, item: FrameItem, reason: str, message: str) -> Output:
-        record = item.record
-        value = record.value or b""
-        truncated = len(value) + len(record.key or b"") + DLQ_HEADROOM > self.config.max_request_size
-        headers = ev.dead_letter_headers(record.headers, reason, message, item.source, record.timestamp,
-                                         self.clock(), self.config.worker_name, value_truncated=truncated)
-        return Output(item, self.config.dlq_topic, record.key, b"" if truncated else value, headers, reason=reason)
-
-    def build(self, batch: Batch) -> list[Output]:
-        outs = []
-        for item in batch.items:
-            if not self.book.is_current(item.tp, item.epoch):
-                self.metrics.frames.labels(outcome="abandoned").inc()
-                continue
-            if item.error is not None:
-                outs.append(self.dead_letter(item, item.error.reason, str(item.error)))
-            else:
-                outs.append(self.event_record(item))
-        return outs
-
-    # ------------------------------------------------------------------------------ delivery
-    def run(self, batch: Batch) -> int:
-        """Deliver every output of ``batch``; returns how many frames were completed (0 when stopping)."""
-        start = time.perf_counter()
-        outs = self.build(batch)
-        self.metrics.stage.labels(stage="encode").observe(time.perf_counter() - start)
-        start = time.perf_counter()
-        if self.config.exactly_once:
-            delivered = self._deliver_transaction(outs)
-        else:
-            delivered = self.deliverer.deliver(outs)
-            if delivered:
-                for out in outs:
-                    self.book.done(out.item.tp, out.item.record.offset, out.item.epoch)
-        if not delivered:
-            return 0  # stopping: nothing of this batch is marked done, so nothing of it is committed
-        self.metrics.stage.labels(stage="produce").observe(time.perf_counter() - start)
-        self._account(outs)
-        return len(outs)
-
-    def _deliver_transaction(self, outs: list[Output]) -> bool:
-        """Outputs and the batch's offsets in one transaction. The output thread handles batches in order, so
-        once this batch is marked done the committable offsets of its partitions are exactly its end."""
-        assert self.consumer is not None
-        for out in outs:
-            self.book.done(out.item.tp, out.item.record.offset, out.item.epoch)
-        tps = {out.item.tp for out in outs}
-        offsets = {tp: OffsetAndMetadata(o, "", -1) for tp, o in self.book.committable().items() if tp in tps}
-        if not self.deliverer.deliver_transaction(outs, offsets, self.consumer.group_metadata):
-            return False
-        self.book.mark_committed({tp: o.offset for tp, o in offsets.items()})
-        return True
-
-    def refused_to_dead_letter(self, out: Output, error: BaseException) -> Output:
-        reason = "event_too_large" if "TooLarge" in type(error).__name__ else "event_rejected"
-        return self.dead_letter(out.item, reason, f"the broker refused the event: {error}")
-
-    # ------------------------------------------------------------------------------ metrics
-    def _account(self, outs: list[Output]) -> None:
-        now = datetime.now(UTC)
-        for out in outs:
-            item = out.item
-            if out.reason is not None:
-                self.metrics.frames.labels(outcome="dead_lettered").inc()
-                self.metrics.dead_letters.labels(reason=out.reason).inc()
-                continue
-            self.metrics.frames.labels(outcome="scored").inc()
-            assert item.meta is not None and item.scored is not None
-            if item.scored.score >= item.scored.threshold:
-                self.metrics.anomalies.labels(category=item.meta.category).inc()
-            if item.meta.captured_at is not None:
-                self.metrics.latency.observe(max(0.0, (now - item.meta.captured_at).total_seconds()))
-            if self.sampler is not None:
-                record = item.record
-                self.sampler.offer(item.meta.category, item.scored.score, item.scored.threshold,
-                                   item.scored.prompt_version, record.key, record.value, record.headers)

@@ -5,8 +5,8 @@ every sub-batch of that batch with it: a swap can only take effect between batch
 versions, and every event names the version that scored it. `StaticPromptProvider` builds its sets once
 at start: zero-shot prompts per category (`hpad.scorer.Scorer.zero_shot_prompts`), or, when a prompt
 directory is configured, the verified artifact ``<dir>/<category>.safetensors`` (`hpad.artifact`).
-`KafkaPromptProvider` starts from those sets and follows the prompt registry topic (``hpad.prompts``, see
-`tuner.registry`): it reads the topic from the beginning without a consumer group (every worker sees every
+`KafkaPromptProvider` starts from those sets and follows the prompt registry topic (``hpad.prompts``, record
+format in `consumers.prompt_records`): it reads the topic from the beginning without a consumer group (every worker sees every
 version), verifies each record (checksum, model identity, LAA, shapes, finiteness, category = key), and
 installs a version only if it is newer than the one in use, by replacing the whole snapshot in one
 reference assignment. A bad record is counted and logged; the current version keeps scoring.
@@ -26,11 +26,11 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from consumers.metrics import WorkerMetrics
+from consumers.prompt_records import parse_record
 from hpad.artifact import load_prompt_artifact
 from hpad.errors import ConfigError
 from hpad.prompts import PromptSet
 from hpad.scorer import Scorer
-from tuner.registry import parse_record
 
 log = logging.getLogger(__name__)
 ARTIFACT_SUFFIX = ".safetensors"

@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
+from consumers.service import stop_signals
 from consumers.settings import ENV_PREFIX, WorkerSettings
 from hpad.errors import ConfigError
 
@@ -159,24 +160,22 @@ class Supervisor:
 
     def run(self) -> int:
         """Until every child has exited; the exit status of the first failed child, else 0."""
-        previous = {signum: signal.signal(signum, self._on_signal) for signum in FORWARDED}
-        try:
-            preexec = _parent_death_signal()
-            for child in self.children:
-                if self._pending:  # asked to stop while starting: start no more
-                    break
-                self.processes[child.index] = subprocess.Popen(
-                    child.argv, env=dict(child.env), stdin=subprocess.DEVNULL, process_group=0,
-                    preexec_fn=preexec)
-                log.info("worker %d started: pid %d", child.index, self.processes[child.index].pid)
-            self._watch()
-        finally:
-            self._kill_running()  # also on an unexpected error: nothing started here outlives it
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+        with stop_signals(self._on_signal, install=True, signals=FORWARDED):
+            try:
+                preexec = _parent_death_signal()
+                for child in self.children:
+                    if self._pending:  # asked to stop while starting: start no more
+                        break
+                    self.processes[child.index] = subprocess.Popen(
+                        child.argv, env=dict(child.env), stdin=subprocess.DEVNULL, process_group=0,
+                        preexec_fn=preexec)
+                    log.info("worker %d started: pid %d", child.index, self.processes[child.index].pid)
+                self._watch()
+            finally:
+                self._kill_running()  # also on an unexpected error: nothing started here outlives it
         return 0 if self.failure is None else self.failure[1]
 
-    def _on_signal(self, signum: int, frame: object) -> None:
+    def _on_signal(self, signum: int) -> None:
         self._pending.append(signum)  # forwarded by the loop (no process calls inside a handler)
 
     def _running(self) -> list[tuple[int, subprocess.Popen]]:

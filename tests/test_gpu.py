@@ -157,7 +157,7 @@ def test_jpeg_batch_decode_on_the_device():
 @pytest.mark.kafka
 @pytest.mark.parametrize("gpu_decode", [False, True])
 def test_worker_on_the_device_n_in_n_out(kafka_broker, gpu_scorer, gpu_decode):
-    from consumers.app import model_info
+    from consumers.models import model_info
     from consumers.prompt_provider import StaticPromptProvider
     from consumers.worker import Worker
     from tests.consumers.kafka_helpers import (

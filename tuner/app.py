@@ -24,14 +24,12 @@ import logging
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 
 import cv2
 import numpy as np
@@ -39,10 +37,11 @@ from kafka import KafkaConsumer
 from kafka.errors import KafkaError
 
 from consumers import kafka_io
-from consumers.app import build_scorer
 from consumers.contract import Limits, check_payload_size, parse_frame_headers
 from consumers.decode import decode_frame, inspect_frame
-from consumers.metrics import Health, start_metrics_server
+from consumers.metrics import Health
+from consumers.models import build_scorer
+from consumers.service import Stoppable, Telemetry, run_main, stop_signals
 from consumers.settings import (
     connection_kwargs,
     parse_service_args,
@@ -50,7 +49,7 @@ from consumers.settings import (
     prompts_consumer_kwargs,
 )
 from hpad.artifact import PromptArtifact, read_artifact
-from hpad.errors import ConfigError, FrameError, HpadError
+from hpad.errors import FrameError, HpadError
 from hpad.io import atomic_write_text
 from hpad.mpts import Pool
 from hpad.scorer import Scorer
@@ -162,12 +161,13 @@ class RunReport:
     candidate: dict[str, float] = field(default_factory=dict)
 
 
-class Tuner:
+class Tuner(Stoppable):
     """One tuner process: normals consumer, reservoir, schedule, one run at a time, registry publishes."""
 
     def __init__(self, settings: TunerSettings, scorer: Scorer, registry: PromptRegistry, reservoir: Reservoir,
                  consumer_factory: Callable[[], KafkaConsumer], metrics: TunerMetrics | None = None,
                  health: Health | None = None) -> None:
+        super().__init__()
         self.settings = settings
         self.scorer = scorer
         self.registry = registry
@@ -179,8 +179,6 @@ class Tuner:
         self.limits = Limits(settings.max_payload_bytes, settings.max_pixels)
         self.state_path = Path(settings.reservoir_dir) / STATE_FILE
         self.states = load_state(self.state_path)
-        self.stop_event = threading.Event()
-        self.stop_reason = "stop"
         self.publishing = threading.Event()
         self.reports: list[RunReport] = []
         self._running: tuple[str, Future] | None = None  # one run at a time, on a daemon thread
@@ -189,48 +187,36 @@ class Tuner:
         self._update_reservoir_metrics()
 
     # ------------------------------------------------------------------------------ main loop
-    def request_stop(self, reason: str = "stop") -> None:
-        if not self.stop_event.is_set():
-            self.stop_reason = reason
-            self.stop_event.set()
-
     def run(self, max_runs: int | None = None, timeout: float | None = None,
             install_signals: bool | None = None) -> int:
         """Consume and tune until stopped; returns the number of runs that ended."""
-        if install_signals is None:
-            install_signals = threading.current_thread() is threading.main_thread()
-        previous = self._install_signals() if install_signals else {}
         deadline = None if timeout is None else time.monotonic() + timeout
         consumer: KafkaConsumer | None = None
-        try:
-            while not self.stop_event.is_set():
-                self.health.beat()
-                self.metrics.heartbeat.set_to_current_time()
-                if consumer is None:
-                    consumer = self._connect()
+        with stop_signals(self._on_signal, install_signals):
+            try:
+                while not self.stop_event.is_set():
+                    self.health.beat()
+                    self.metrics.heartbeat.set_to_current_time()
                     if consumer is None:
-                        continue
-                self._consume(consumer)
-                self._reap()
-                if max_runs is not None and len(self.reports) >= max_runs and self._running is None:
-                    self.request_stop("max_runs")
-                elif deadline is not None and time.monotonic() >= deadline:
-                    self.request_stop("timeout")
-                else:
-                    self._maybe_start_run()
-            return len(self.reports)
-        finally:
-            self._finish(consumer)
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+                        consumer = self._connect()
+                        if consumer is None:
+                            continue
+                    self._consume(consumer)
+                    self._reap()
+                    if max_runs is not None and len(self.reports) >= max_runs and self._running is None:
+                        self.request_stop("max_runs")
+                    elif deadline is not None and time.monotonic() >= deadline:
+                        self.request_stop("timeout")
+                    else:
+                        self._maybe_start_run()
+                return len(self.reports)
+            finally:
+                self._finish(consumer)
 
-    def _install_signals(self) -> dict[int, object]:
-        def handler(signum: int, frame: FrameType | None) -> None:
-            log.info("received %s: stopping (a run in progress is abandoned unless it is publishing)",
-                     signal.Signals(signum).name)
-            self.request_stop("signal")
-
-        return {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
+    def _on_signal(self, signum: int) -> None:
+        log.info("received %s: stopping (a run in progress is abandoned unless it is publishing)",
+                 signal.Signals(signum).name)
+        self.request_stop("signal")
 
     def _connect(self) -> KafkaConsumer | None:
         try:
@@ -467,30 +453,14 @@ def parse_args(argv: Sequence[str]) -> tuple[TunerSettings, argparse.Namespace]:
         ("--timeout", float, "stop after this many seconds")])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    settings, ns = parse_args(sys.argv[1:] if argv is None else argv)
-    for package in ("hpad", "consumers", "tuner"):
-        logging.getLogger(package).setLevel(settings.log_level)
-    metrics = TunerMetrics()
-    health = Health(settings.liveness_timeout_ms / 1000)
-    server = start_metrics_server(metrics, health, settings.metrics_host, settings.metrics_port)
-    try:
-        tuner = build_tuner(settings, metrics, health)
-        if tuner.scorer.backbone.random_weights:
-            log.warning("RANDOM WEIGHTS: model %s is not pretrained; tuned prompts carry no meaning",
-                        tuner.scorer.backbone.model_name)
-        runs = tuner.run(max_runs=ns.max_runs, timeout=ns.timeout)
-    except (RegistryError, KafkaError) as exc:
-        log.error("%s", exc)
-        return 1
-    except ConfigError:
-        raise
-    except HpadError as exc:
-        log.error("%s", exc)
-        return 1
-    finally:
-        if server is not None:
-            server.stop()
+def tune(settings: TunerSettings, ns: argparse.Namespace, telemetry: Telemetry | None) -> int:
+    """The tuner until it stops; 0 (fatal errors are `run_main`'s)."""
+    assert telemetry is not None
+    tuner = build_tuner(settings, telemetry.metrics, telemetry.health)
+    if tuner.scorer.backbone.random_weights:
+        log.warning("RANDOM WEIGHTS: model %s is not pretrained; tuned prompts carry no meaning",
+                    tuner.scorer.backbone.model_name)
+    runs = tuner.run(max_runs=ns.max_runs, timeout=ns.timeout)
     log.info("stopped (%s) after %d runs", tuner.stop_reason, runs)
     if tuner.run_in_progress():
         # an abandoned run is still inside torch on its daemon thread; a normal interpreter exit would tear down
@@ -499,3 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.shutdown()
         os._exit(0)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(argv, parse_args, tune, packages=("hpad", "consumers", "tuner"),
+                    metrics=lambda settings: TunerMetrics(), fatal=(RegistryError, KafkaError, HpadError), logger=log)

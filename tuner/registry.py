@@ -1,9 +1,9 @@
 """Prompt registry on Kafka: immutable, versioned prompt artifacts on a compacted topic.
 
-Record: key = category, value = artifact bytes (`hpad.artifact`), headers ``hpad-prompt-version``,
-``hpad-prompt-sha256``, ``hpad-model-identity``. Versions increase monotonically per category: a publish
-takes the highest version on the topic + 1 and re-issues the artifact under that number (the version is
-part of the checksummed manifest). A rollback republishes an earlier version's content as a new, higher
+Record format (key = category, value = artifact bytes, version / sha256 / model-identity headers): see
+`consumers.prompt_records`, shared with the scorers that read the topic. Versions increase monotonically per
+category: a publish takes the highest version on the topic + 1 and re-issues the artifact under that number
+(the version is part of the checksummed manifest). A rollback republishes an earlier version's content as a new, higher
 version (manifest field ``rollback_of``), so every reader only ever moves forward.
 
 Readers keep the newest valid version per category themselves (compaction may lag, and was not verified on
@@ -16,69 +16,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from consumers.prompt_records import RegistryRecord, parse_record, record_headers
 from hpad.artifact import PromptArtifact, read_artifact, with_version
 from hpad.attention import LAAConfig
-from hpad.errors import ArtifactError, HpadError
+from hpad.errors import HpadError
 
 log = logging.getLogger(__name__)
-
-VERSION_HEADER = "hpad-prompt-version"
-SHA_HEADER = "hpad-prompt-sha256"
-IDENTITY_HEADER = "hpad-model-identity"
 
 
 class RegistryError(HpadError):
     """The prompts topic cannot be read or written, or a requested version does not exist."""
-
-
-@dataclass(frozen=True)
-class RegistryRecord:
-    """One record of the prompts topic; ``artifact`` is None when it failed verification (``error`` says why)."""
-
-    category: str
-    version: int
-    partition: int
-    offset: int
-    timestamp_ms: int
-    artifact: PromptArtifact | None
-    error: str | None
-    value: bytes
-    reason: str | None = None  # ArtifactError.reason when verification failed
-
-
-def record_headers(artifact: PromptArtifact) -> list[tuple[str, bytes]]:
-    return [
-        (VERSION_HEADER, str(artifact.version).encode()),
-        (SHA_HEADER, artifact.sha256.encode()),
-        (IDENTITY_HEADER, artifact.prompts.model_identity.encode()),
-    ]
-
-
-def parse_record(record, expected_identity: str | None = None, expected_laa: LAAConfig | None = None) -> RegistryRecord:
-    """A consumed prompts-topic record -> RegistryRecord (verification failures are kept, not raised)."""
-    category = record.key.decode("utf-8", "replace") if record.key else ""
-    headers = {k: v for k, v in (record.headers or [])}
-    try:
-        header_version = int(headers.get(VERSION_HEADER, b"-1"))
-    except ValueError:
-        header_version = -1
-    artifact, error, reason = None, None, None
-    try:
-        artifact = read_artifact(record.value or b"", expected_identity=expected_identity, expected_laa=expected_laa,
-                                 expected_category=category or None)
-        if header_version not in (-1, artifact.version):
-            raise ArtifactError(f"header version {header_version} != manifest version {artifact.version}")
-        if headers.get(SHA_HEADER) not in (None, artifact.sha256.encode()):
-            raise ArtifactError("header sha256 does not match the artifact's checksum")
-    except ArtifactError as exc:
-        artifact, error, reason = None, str(exc), exc.reason
-    version = artifact.version if artifact is not None else header_version
-    return RegistryRecord(category, version, record.partition, record.offset, record.timestamp,
-                          artifact, error, record.value or b"", reason)
 
 
 def read_topic(consumer: KafkaConsumer, topic: str, idle_ms: int = 500, timeout_s: float = 30.0) -> list:

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from consumers import kafka_io
+from consumers.prompt_records import RegistryRecord
 from consumers.settings import (
     add_cli_flags,
     cli_overrides,
@@ -27,7 +28,7 @@ from consumers.settings import (
 )
 from hpad.artifact import read_artifact
 from hpad.errors import ArtifactError
-from tuner.registry import PromptRegistry, RegistryError, RegistryRecord
+from tuner.registry import PromptRegistry, RegistryError
 from tuner.settings import RegistrySettings
 
 

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from consumers.app import model_info
+from consumers.models import model_info
 from consumers.prompt_provider import StaticPromptProvider
 from consumers.worker import Worker
 from hpad.scorer import Scorer, ScorerConfig

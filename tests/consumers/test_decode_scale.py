@@ -18,9 +18,10 @@ from kafka.structs import TopicPartition
 from consumers import contract as c
 from consumers import events as ev
 from consumers.decode import decode_frame, decode_jpeg_batch, jpeg_scale, scaled_size
+from consumers.items import Batch, FrameItem, PipelineConfig
 from consumers.metrics import WorkerMetrics
 from consumers.offsets import OffsetBook
-from consumers.pipeline import Batch, FrameItem, PipelineConfig, ScoreStage
+from consumers.pipeline import ScoreStage
 from consumers.prompt_provider import StaticPromptProvider
 from hpad.errors import FrameError
 from hpad.masks import decode_mask_png

@@ -16,8 +16,9 @@ from kafka.structs import TopicPartition
 from consumers import contract as c
 from consumers import events as ev
 from consumers.camera import frame_headers
+from consumers.items import FrameItem, PipelineConfig
 from consumers.offsets import OffsetBook
-from consumers.pipeline import FrameItem, OutputStage, PipelineConfig
+from consumers.output import OutputStage
 from hpad.errors import FrameError
 from hpad.masks import PackedMask, decode_mask_png
 
@@ -141,8 +142,8 @@ def test_dead_letter_of_an_oversized_value_is_truncated_and_says_so():
 
 
 def test_work_of_a_partition_that_left_is_abandoned():
+    from consumers.items import Batch
     from consumers.metrics import WorkerMetrics
-    from consumers.pipeline import Batch
 
     book, metrics = OffsetBook(), WorkerMetrics()
     tp = TopicPartition("frames", 0)

@@ -12,9 +12,10 @@ from kafka import TopicPartition
 from consumers import contract as c
 from consumers import pipeline as pl
 from consumers.camera import frame_headers
+from consumers.items import Batch, PipelineConfig
 from consumers.metrics import WorkerMetrics
 from consumers.offsets import OffsetBook
-from consumers.pipeline import Batch, Pipeline, PipelineConfig, ScoreStage
+from consumers.pipeline import Pipeline, ScoreStage
 from consumers.prompt_provider import StaticPromptProvider
 from hpad.scorer import Scorer, ScorerConfig
 from tests.consumers.kafka_helpers import encode, image

@@ -163,6 +163,9 @@ def test_every_setting_is_documented():
 
 
 def test_contract_tables_are_generated_from_the_code():
+    from tuner import docs as tuner_docs
+
     text = docs.README.read_text()
-    for name, table in docs.generated_blocks().items():
-        assert docs.block(text, name) == table, f"README.md block {name} is stale: run python -m consumers.docs"
+    for module in (docs, tuner_docs):
+        for name, table in module.generated_blocks().items():
+            assert docs.block(text, name) == table, f"README.md block {name} is stale: run python -m {module.__name__}"

@@ -20,9 +20,10 @@ import torch
 from consumers import contract as c
 from consumers.camera import frame_headers
 from consumers.events import headers_as_text
+from consumers.items import Batch, FrameItem, PipelineConfig
 from consumers.metrics import WorkerMetrics
 from consumers.offsets import OffsetBook
-from consumers.pipeline import Batch, FrameItem, PipelineConfig, ScoreStage
+from consumers.pipeline import ScoreStage
 from consumers.prompt_provider import PromptProvider, PromptSnapshot, StaticPromptProvider
 from hpad.scorer import Scorer, ScorerConfig
 from tests.consumers.kafka_helpers import (

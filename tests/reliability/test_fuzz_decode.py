@@ -33,7 +33,8 @@ from kafka.structs import TopicPartition
 from consumers import contract as c
 from consumers.camera import frame_headers
 from consumers.decode import PNG_SIGNATURE
-from consumers.pipeline import Pipeline, PipelineConfig
+from consumers.items import PipelineConfig
+from consumers.pipeline import Pipeline
 from consumers.prompt_provider import StaticPromptProvider
 from hpad.errors import FrameError
 from tests.consumers.kafka_helpers import (

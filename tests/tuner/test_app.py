@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 from kafka import KafkaConsumer
 
-from consumers.app import build_provider, model_info
+from consumers.app import build_provider
 from consumers.camera import frame_headers
 from consumers.metrics import WorkerMetrics
+from consumers.models import model_info
 from consumers.settings import prompts_consumer_kwargs
 from consumers.worker import Worker
 from hpad.errors import ConfigError

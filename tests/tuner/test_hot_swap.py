@@ -20,9 +20,11 @@ import pytest
 import torch
 from kafka import KafkaProducer
 
-from consumers.app import build_provider, model_info
+from consumers.app import build_provider
 from consumers.metrics import WorkerMetrics
+from consumers.models import model_info
 from consumers.prompt_provider import KafkaPromptProvider
+from consumers.prompt_records import record_headers
 from consumers.settings import prompts_consumer_kwargs
 from consumers.worker import Worker
 from hpad.artifact import build_artifact_bytes, read_artifact
@@ -39,7 +41,7 @@ from tests.consumers.kafka_helpers import (
     settings,
     wait_for,
 )
-from tuner.registry import PromptRegistry, record_headers
+from tuner.registry import PromptRegistry
 
 pytestmark = pytest.mark.kafka
 

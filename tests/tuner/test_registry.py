@@ -8,10 +8,11 @@ import pytest
 import torch
 from kafka import KafkaConsumer, KafkaProducer
 
+from consumers.prompt_records import VERSION_HEADER, record_headers
 from consumers.settings import KafkaSettings, connection_kwargs
 from hpad.artifact import build_artifact_bytes, read_artifact
 from hpad.prompts import PromptSet
-from tuner.registry import VERSION_HEADER, PromptRegistry, RegistryError, record_headers
+from tuner.registry import PromptRegistry, RegistryError
 
 IDENTITY = "hpad-tiny/random-init"
 

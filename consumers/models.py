@@ -1,0 +1,37 @@
+"""The model factory of every process that loads CLIP (``hpad serve``, ``hpad tune``): settings -> `Scorer`.
+
+Scorers and tuner must load the very same model (prompt artifacts name their model and scorers refuse
+artifacts of another one), so both build it here from their `consumers.settings.ModelSettings`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from consumers.events import ModelInfo
+from consumers.settings import ModelSettings
+from hpad.backbone import load_backbone
+from hpad.config import scorer_config, weights_spec
+from hpad.scorer import Scorer
+
+
+def build_scorer(settings: ModelSettings, max_batch: int = 8) -> Scorer:
+    """The model named by the settings, wrapped in a Scorer with the settings' LAA, sigma and batch size."""
+    if settings.torch_threads > 0:
+        torch.set_num_threads(settings.torch_threads)
+    spec = weights_spec(
+        model=settings.model, pretrained=settings.pretrained, checkpoint=settings.checkpoint,
+        random_init=settings.random_init, cache_dir=settings.cache_dir, allow_download=settings.allow_download,
+        seed=settings.seed,
+    )
+    backbone = load_backbone(spec, device=settings.device, precision=settings.precision)
+    return Scorer(backbone, config=scorer_config(laa=settings.laa, laa_layers=settings.laa_layers,
+                                                 laa_radius=settings.laa_radius, sigma=settings.sigma,
+                                                 max_batch=max_batch))
+
+
+def model_info(scorer: Scorer, precision: str) -> ModelInfo:
+    """What events and metrics say about the model in use."""
+    b = scorer.backbone
+    return ModelInfo(model=b.model_name, weights=b.weights_id, identity=b.identity, random_weights=b.random_weights,
+                     device=str(b.device), precision=precision)
