@@ -294,7 +294,7 @@ class ApacheKafka:
         from kafka import KafkaAdminClient
 
         servers = [node.bootstrap for node in self.nodes if node.alive()] or [self.bootstrap]
-        return KafkaAdminClient(bootstrap_servers=servers, request_timeout_ms=10000, **configs)
+        return KafkaAdminClient(bootstrap_servers=servers, **{"request_timeout_ms": 10000, **configs})
 
     def wait_ready(self, timeout_s: float) -> None:
         """Until ``describe_cluster`` lists every running node unfenced (and a controller); raises if one exits."""
@@ -311,8 +311,9 @@ class ApacheKafka:
                     if not all(_accepts(self.nodes[i].broker_port) for i in wanted):
                         time.sleep(0.1)
                         continue
-                    try:
-                        admin = self._admin_client()
+                    try:  # short timeouts: a node that dies meanwhile is noticed within seconds
+                        admin = self._admin_client(bootstrap_timeout_ms=3000, request_timeout_ms=3000,
+                                                   reconnect_backoff_max_ms=500)
                     except KafkaError as exc:  # NoBrokersAvailable while the JVMs start
                         last = exc
                         time.sleep(0.2)
