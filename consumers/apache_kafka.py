@@ -91,8 +91,14 @@ def java_binary() -> str:
 
 
 def new_cluster_id() -> str:
-    """A KRaft cluster id: 16 random bytes, base64url without padding (what ``kafka-storage random-uuid`` prints)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A KRaft cluster id: 16 random bytes, base64url without padding (what ``kafka-storage random-uuid`` prints).
+
+    Like Kafka's ``Uuid.randomUuid``, never one starting with ``-``: the storage tool would read it as an option.
+    """
+    while True:
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not text.startswith("-"):
+            return text
 
 
 def _tail(path: Path, chars: int = 1500) -> str:
@@ -138,7 +144,7 @@ class ApacheKafka:
     """A KRaft Apache Kafka cluster of ``nodes`` combined broker+controller JVMs on 127.0.0.1.
 
     A context manager that always stops every node's process group. ``root`` (default: a new temporary folder,
-    removed at `stop` unless ``keep_files``) holds per node ``node-N/server.properties``, ``node-N/data`` (the
+    removed at `stop` unless ``keep_files``; ``keep_data=False`` removes only the data) holds per node ``node-N/server.properties``, ``node-N/data`` (the
     log dir), ``node-N/server.log`` and ``node-N/stdout.log``. Replication defaults: 1 node -> every replication
     factor and min ISR 1; 3 nodes -> replication factor 3, ``min.insync.replicas`` 2 (``min_insync_replicas``
     overrides). ``config`` adds or overrides server properties on every node.
@@ -147,7 +153,7 @@ class ApacheKafka:
     def __init__(self, nodes: int = 1, root: Path | None = None, *, heap: str = "512m",
                  min_insync_replicas: int | None = None, config: dict[str, str] | None = None,
                  classpath_file: Path | None = None, start_timeout_s: float = 60.0, stop_timeout_s: float = 15.0,
-                 keep_files: bool | None = None) -> None:
+                 keep_files: bool | None = None, keep_data: bool = True) -> None:
         if nodes < 1:
             raise ValueError("nodes must be >= 1")
         self.java = java_binary()
@@ -163,6 +169,7 @@ class ApacheKafka:
         self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="hpad-kafka-"))
         self.root.mkdir(parents=True, exist_ok=True)
         self.keep_files = (not self._own_root) if keep_files is None else keep_files
+        self.keep_data = keep_data  # False: a clean stop deletes the nodes' log dirs but keeps the logs
         self.cluster_id = new_cluster_id()
         self.nodes = [KafkaNode(i, self.root / f"node-{i}", free_port(), free_port()) for i in range(nodes)]
         self.ready_s: float | None = None  # seconds from start() to a cluster answering with every node
@@ -228,6 +235,9 @@ class ApacheKafka:
             _LIVE.discard(self)
         if (not self.keep_files if remove is None else remove) and self.root.exists():
             shutil.rmtree(self.root, ignore_errors=True)
+        elif remove is None and not self.keep_data:
+            for node in self.nodes:
+                shutil.rmtree(node.folder / "data", ignore_errors=True)
 
     def create_topic(self, name: str, partitions: int = 3, replication_factor: int | None = None,
                      config: dict[str, str] | None = None, timeout_s: float = 30.0) -> None:

@@ -211,7 +211,8 @@ class Demo:
             from consumers.apache_kafka import ApacheKafka
 
             # frames up to the camera's 32 MiB producer limit, like tansu (Kafka's default is 1 MiB)
-            return ApacheKafka(nodes=1, root=self.workdir / "kafka", config={"message.max.bytes": str(33 * 2**20)})
+            return ApacheKafka(nodes=1, root=self.workdir / "kafka", config={"message.max.bytes": str(33 * 2**20)},
+                               keep_data=False)
         return EmbeddedBroker(log_path=self.workdir / "tansu.log")
 
     def data_dir(self) -> Path:

@@ -158,3 +158,8 @@ def test_three_nodes_keep_acks_all_through_a_crash_and_a_restart(tmp_path):
         values = read_all(kafka.bootstrap, topic, 3, expected=300)
     assert sorted(values) == sorted(f"m-{i}".encode() for i in range(300))  # none lost, none twice
     assert kafka.pids() == []
+
+
+def test_cluster_ids_never_look_like_options():
+    ids = {apache_kafka.new_cluster_id() for _ in range(2000)}
+    assert len(ids) == 2000 and all(len(i) == 22 and not i.startswith("-") for i in ids)
