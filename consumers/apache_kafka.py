@@ -393,7 +393,8 @@ class ApacheKafka:
             (node.folder / "log4j2.properties").write_text(_log4j2(node.log_path))
 
     def _jvm(self, node: KafkaNode) -> list[str]:
-        # setpriv --pdeathsig: the JVM dies with this process even when nothing got to call stop()
+        # setpriv --pdeathsig: the JVM is SIGKILLed when its parent dies, even when nothing got to call stop()
+        # (Linux: "parent" is the thread that started it, so start nodes from a thread that outlives them)
         prefix = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
         return [*prefix, self.java, f"-Xmx{self.heap}", "-Xms64m", *JVM_OPTIONS,
                 f"-Dlog4j2.configurationFile={node.folder / 'log4j2.properties'}",

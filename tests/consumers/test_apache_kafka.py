@@ -6,7 +6,10 @@ launcher fails with a message naming what is missing (tested below) and these te
 
 from __future__ import annotations
 
+import shutil
 import socket
+import subprocess
+import sys
 import time
 import uuid
 
@@ -163,3 +166,31 @@ def test_three_nodes_keep_acks_all_through_a_crash_and_a_restart(tmp_path):
 def test_cluster_ids_never_look_like_options():
     ids = {apache_kafka.new_cluster_id() for _ in range(2000)}
     assert len(ids) == 2000 and all(len(i) == 22 and not i.startswith("-") for i in ids)
+
+
+def test_nodes_die_with_a_killed_launcher(tmp_path):
+    """SIGKILL the Python process that started a node (no stop() runs): the JVM goes too (setpriv --pdeathsig)."""
+    root = tmp_path / "kafka"
+    script = ("import sys, time; from consumers.apache_kafka import ApacheKafka; "
+              f"k = ApacheKafka(root={str(root)!r}).start(); print('ready', flush=True); time.sleep(120)")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert child.stdout.readline().strip() == b"ready"
+        cluster = ApacheKafka.__new__(ApacheKafka)  # only for pids(): what runs with this folder on its command line
+        cluster.root = root
+        assert cluster.pids(), "the node should be running"
+    finally:
+        child.kill()
+        child.wait()
+    wait_for(lambda: not cluster.pids(), 10, "the JVM exits with its launcher")
+
+
+def test_demo_broker_option(tmp_path):
+    from consumers.demo import Demo, parse_args
+
+    assert parse_args([]).broker == "tansu"
+    demo = Demo(parse_args(["--broker", "kafka"]))
+    broker = demo.broker()  # not started: nothing runs until `with`
+    assert isinstance(broker, ApacheKafka) and broker.root == demo.workdir / "kafka" and not broker.keep_data
+    assert broker.properties(broker.nodes[0])["message.max.bytes"] == str(33 * 2**20)
+    shutil.rmtree(demo.workdir)
