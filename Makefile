@@ -7,8 +7,13 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.hpad-installed
 PROMTOOL := $(VENV)/bin/promtool
 DEMO_ARGS ?=
+# the demo's broker: tansu (embedded, default) or kafka (Apache Kafka, consumers/apache_kafka.py)
+BROKER ?= tansu
+# Apache Kafka's runtime classpath, resolved by Maven from deploy/kafka/pom.xml (jars stay in Maven's cache)
+KAFKA_POM := deploy/kafka/pom.xml
+KAFKA_CP := build/kafka/classpath.txt
 
-.PHONY: venv test demo lint bench-scorer bench-train bench-stream bench-swap bench-soak bench-host deploy-check clean
+.PHONY: venv test demo kafka-classpath lint bench-scorer bench-train bench-stream bench-swap bench-soak bench-host deploy-check clean
 
 venv: $(STAMP) $(PROMTOOL)
 
@@ -20,14 +25,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP) $(PROMTOOL)
+test: $(STAMP) $(PROMTOOL) $(KAFKA_CP)
 	$(PY) -m ruff check hpad consumers tuner tests benchmarks deploy
 	# pytest exit 5 ("no tests collected") counts as a failure
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
 
-demo: $(STAMP)
-	$(PY) -m consumers.demo $(DEMO_ARGS)
+demo: $(STAMP) $(if $(filter kafka,$(BROKER)),$(KAFKA_CP))
+	$(PY) -m consumers.demo --broker $(BROKER) $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check hpad consumers tuner tests benchmarks deploy
@@ -59,6 +64,16 @@ $(PROMTOOL): | $(STAMP)
 	    dpkg -x prometheus_*.deb root && install -m 755 root/usr/bin/promtool "$$dest" ); rc=$$?; rm -rf "$$tmp"; \
 	  [ $$rc -eq 0 ] || { echo "could not get promtool from Debian's prometheus package" >&2; exit 1; }; fi
 	@$@ --version >/dev/null
+
+# Apache Kafka for tests and `make demo BROKER=kafka`: the classpath file is the stamp (rebuilt when the pom changes)
+kafka-classpath: $(KAFKA_CP)
+
+$(KAFKA_CP): $(KAFKA_POM)
+	@command -v java >/dev/null 2>&1 || { echo "Apache Kafka needs java (17+) on PATH" >&2; exit 1; }
+	@command -v mvn >/dev/null 2>&1 || { echo "resolving Apache Kafka needs mvn (Maven 3.8+) on PATH" >&2; exit 1; }
+	mkdir -p $(@D)
+	mvn -q -B -Dstyle.color=never -f $(KAFKA_POM) dependency:build-classpath -Dmdep.outputFile=$(abspath $@).tmp
+	mv $@.tmp $@
 
 # the Helm chart, images, dashboard and alert rules (offline: no cluster, no Docker daemon)
 deploy-check: $(STAMP) $(PROMTOOL)

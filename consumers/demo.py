@@ -30,6 +30,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -38,6 +39,9 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from consumers import contract as c
 from consumers.broker import EmbeddedBroker, free_port
 from consumers.camera import frame_headers
+
+if TYPE_CHECKING:
+    from consumers.apache_kafka import ApacheKafka
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "mvtec" / "bottle" / "test"
@@ -201,6 +205,16 @@ class Demo:
         self._injected = False
         self._tuner_reported = False
 
+    def broker(self) -> EmbeddedBroker | ApacheKafka:
+        """``--broker``: the embedded tansu broker (default) or a one-node Apache Kafka (consumers/apache_kafka.py)."""
+        if self.ns.broker == "kafka":
+            from consumers.apache_kafka import ApacheKafka
+
+            # frames up to the camera's 32 MiB producer limit, like tansu (Kafka's default is 1 MiB)
+            return ApacheKafka(nodes=1, root=self.workdir / "kafka", config={"message.max.bytes": str(33 * 2**20)},
+                               keep_data=False)
+        return EmbeddedBroker(log_path=self.workdir / "tansu.log")
+
     def data_dir(self) -> Path:
         if self.ns.data.is_dir() and any(self.ns.data.rglob("*.png")):
             return self.ns.data
@@ -275,7 +289,7 @@ class Demo:
         self.processes.append(ManagedProcess("camera", camera, {}, self.workdir / "camera.log", grace_s=5.0))
 
     def run(self) -> int:
-        with EmbeddedBroker(log_path=self.workdir / "tansu.log") as broker:
+        with self.broker() as broker:
             for name, partitions in (("frames", 3), ("events", 3), ("dlq", 1), ("normals", 1), ("prompts", 1)):
                 broker.create_topic(TOPICS[name], partitions)
             data = self.data_dir()
@@ -386,6 +400,8 @@ class Demo:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m consumers.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--broker", choices=["tansu", "kafka"], default="tansu",
+                        help="tansu (embedded, default) or kafka (Apache Kafka KRaft; needs java, make kafka-classpath)")
     parser.add_argument("--frames", type=int, default=200, help="stop after this many camera frames")
     parser.add_argument("--rate", type=float, default=10.0, help="camera frames per second")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of images to stream")
