@@ -43,7 +43,7 @@ def test_service_commands_are_discovered_from_entry_points(monkeypatch, capsys):
 
     def fake_entry_points(group: str):
         groups.append(group)
-        return [_EntryPoint("serve", "tests.test_cli:_fake_serve"), _EntryPoint("score", "elsewhere:main")]
+        return [_EntryPoint("serve", "tests.hpad.test_cli:_fake_serve"), _EntryPoint("score", "elsewhere:main")]
 
     monkeypatch.setattr(cli, "entry_points", fake_entry_points)
     assert set(cli.service_commands()) == {"serve"}  # a library command cannot be replaced
@@ -51,7 +51,7 @@ def test_service_commands_are_discovered_from_entry_points(monkeypatch, capsys):
     assert main(["serve", "--flag"]) == 7
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "serve" in out and "tests.test_cli:_fake_serve" in out and "not installed" not in out
+    assert "serve" in out and "tests.hpad.test_cli:_fake_serve" in out and "not installed" not in out
 
 
 def _fake_serve(argv) -> int:
@@ -85,7 +85,7 @@ def test_library_imports_no_service_code():
             "{name.split('.')[0] for name in sys.modules}; print(sorted(bad))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
-    for path in Path(__file__).resolve().parents[1].joinpath("hpad").rglob("*.py"):
+    for path in Path(__file__).resolve().parents[2].joinpath("hpad").rglob("*.py"):
         text = path.read_text()
         for name in ("consumers", "tuner", "kafka", "pydantic_settings", "prometheus_client"):
             assert f"import {name}" not in text and f"from {name}" not in text, (path, name)
