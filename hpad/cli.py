@@ -12,13 +12,16 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from hpad.errors import HpadError
 
 ENTRY_POINT_GROUP = "hpad.commands"
+SOURCE_TREE: Path | None = Path(__file__).resolve().parents[1]  # the checkout, when hpad runs from one
 SERVICE_EXTRA = "pip install 'hpad[service]'"
 
 
@@ -42,9 +45,27 @@ LIBRARY_COMMANDS: dict[str, Command] = {
 
 
 def service_commands() -> dict[str, Command]:
-    """The installed service commands: entry points of the group ``hpad.commands`` (none without the services)."""
-    found = {ep.name: Command(ep.value, f"service command ({ep.value})") for ep in entry_points(group=ENTRY_POINT_GROUP)}
-    return {name: command for name, command in found.items() if name not in LIBRARY_COMMANDS}
+    """The installed service commands: entry points of the group ``hpad.commands`` (none without the services).
+
+    Run from a source checkout that is not installed (``PYTHONPATH=.``, as on a GPU machine that gets the tree
+    copied), there is no installed metadata: the same table is then read from the checkout's pyproject.toml.
+    """
+    found = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    if not found and SOURCE_TREE is not None:
+        found = source_tree_commands(SOURCE_TREE)
+    return {name: Command(target, f"service command ({target})") for name, target in found.items()
+            if name not in LIBRARY_COMMANDS}
+
+
+def source_tree_commands(root: Path) -> dict[str, str]:
+    """``[project.entry-points."hpad.commands"]`` of the hpad pyproject.toml in ``root`` ({} if there is none)."""
+    try:
+        project = tomllib.loads((root / "pyproject.toml").read_text()).get("project", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
+    if project.get("name") != "hpad":
+        return {}
+    return dict(project.get("entry-points", {}).get(ENTRY_POINT_GROUP, {}))
 
 
 def commands() -> dict[str, Command]:

@@ -54,6 +54,24 @@ def test_service_commands_are_discovered_from_entry_points(monkeypatch, capsys):
     assert "serve" in out and "tests.hpad.test_cli:_fake_serve" in out and "not installed" not in out
 
 
+def test_an_uninstalled_checkout_reads_the_table_from_its_pyproject(monkeypatch, tmp_path):
+    """PYTHONPATH=<checkout> without pip install (the GPU machine): the same table, from pyproject.toml."""
+    import tomllib
+
+    import hpad.cli as cli
+
+    monkeypatch.setattr(cli, "entry_points", lambda group: [])
+    declared = tomllib.loads((cli.SOURCE_TREE / "pyproject.toml").read_text())["project"]["entry-points"]
+    assert {n: c.target for n, c in cli.service_commands().items()} == declared["hpad.commands"]
+    assert cli.service_commands()["serve"].target == "consumers.app:main"
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "other"\n[project.entry-points."hpad.commands"]\n'
+                                             'serve = "x:y"\n')
+    monkeypatch.setattr(cli, "SOURCE_TREE", tmp_path)
+    assert cli.service_commands() == {}  # another project's pyproject is not ours
+    (tmp_path / "pyproject.toml").write_text("not toml [")
+    assert cli.service_commands() == {}
+
+
 def _fake_serve(argv) -> int:
     assert list(argv) == ["--flag"]
     return 7
@@ -63,6 +81,7 @@ def test_service_commands_not_installed_are_a_clear_error(monkeypatch, capsys):
     import hpad.cli as cli
 
     monkeypatch.setattr(cli, "entry_points", lambda group: [])
+    monkeypatch.setattr(cli, "SOURCE_TREE", None)  # not run from a checkout either
     assert main(["--help"]) == 0
     assert "hpad[service]" in capsys.readouterr().out
     assert main(["serve"]) == 2
