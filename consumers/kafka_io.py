@@ -191,8 +191,9 @@ def diagnose_security(kwargs: dict, timeout_s: float = 5.0) -> str | None:
         except OSError:
             return None
     if answered and sasl:
-        return (f"TLS to the broker works but it refused the SASL {kwargs.get('sasl_mechanism')} login: check "
-                "HPAD_SASL_PLAIN_USERNAME, HPAD_SASL_PLAIN_PASSWORD and HPAD_SASL_MECHANISM")
+        return (f"TLS to the broker works but it refused the SASL {kwargs.get('sasl_mechanism')} login (or the "
+                "listener offers no SASL): check HPAD_SASL_PLAIN_USERNAME, HPAD_SASL_PLAIN_PASSWORD and "
+                "HPAD_SASL_MECHANISM")
     return None
 
 
