@@ -111,11 +111,13 @@ def _tail(path: Path, chars: int = 1500) -> str:
 class KafkaNode:
     """One combined broker+controller JVM of an `ApacheKafka` cluster."""
 
-    def __init__(self, node_id: int, folder: Path, broker_port: int, controller_port: int) -> None:
+    def __init__(self, node_id: int, folder: Path, broker_port: int, controller_port: int,
+                 listener_ports: dict[str, int] | None = None) -> None:
         self.node_id = node_id
         self.folder = folder
         self.broker_port = broker_port
         self.controller_port = controller_port
+        self.listener_ports = dict(listener_ports or {})  # extra listener name -> port
         self.process: subprocess.Popen[bytes] | None = None
         self._out = None
 
@@ -148,14 +150,22 @@ class ApacheKafka:
     log dir), ``node-N/server.log`` and ``node-N/stdout.log``. Replication defaults: 1 node -> every replication
     factor and min ISR 1; 3 nodes -> replication factor 3, ``min.insync.replicas`` 2 (``min_insync_replicas``
     overrides). ``config`` adds or overrides server properties on every node.
+
+    ``listeners`` adds client listeners beside PLAINTEXT (which stays the inter-broker and admin listener):
+    name -> security protocol, e.g. ``{"MTLS": "SSL", "SCRAM": "SASL_SSL"}``; each gets a free port per node
+    (`bootstrap_for`); their TLS / SASL properties go in ``config`` (``listener.name.mtls.ssl.client.auth``...).
     """
 
     def __init__(self, nodes: int = 1, root: Path | None = None, *, heap: str = "512m",
                  min_insync_replicas: int | None = None, config: dict[str, str] | None = None,
                  classpath_file: Path | None = None, start_timeout_s: float = 60.0, stop_timeout_s: float = 15.0,
-                 keep_files: bool | None = None, keep_data: bool = True) -> None:
+                 keep_files: bool | None = None, keep_data: bool = True,
+                 listeners: dict[str, str] | None = None) -> None:
         if nodes < 1:
             raise ValueError("nodes must be >= 1")
+        self.listeners = {name.upper(): protocol for name, protocol in (listeners or {}).items()}
+        if {"PLAINTEXT", "CONTROLLER"} & set(self.listeners):
+            raise ValueError("PLAINTEXT and CONTROLLER are the launcher's own listeners")
         self.java = java_binary()
         self.classpath = classpath(classpath_file)
         self.nodes_count = nodes
@@ -171,7 +181,8 @@ class ApacheKafka:
         self.keep_files = (not self._own_root) if keep_files is None else keep_files
         self.keep_data = keep_data  # False: a clean stop deletes the nodes' log dirs but keeps the logs
         self.cluster_id = new_cluster_id()
-        self.nodes = [KafkaNode(i, self.root / f"node-{i}", free_port(), free_port()) for i in range(nodes)]
+        self.nodes = [KafkaNode(i, self.root / f"node-{i}", free_port(), free_port(),
+                                {name: free_port() for name in self.listeners}) for i in range(nodes)]
         self.ready_s: float | None = None  # seconds from start() to a cluster answering with every node
         self._formatted = False
 
@@ -179,6 +190,10 @@ class ApacheKafka:
     @property
     def bootstrap(self) -> str:
         return ",".join(node.bootstrap for node in self.nodes)
+
+    def bootstrap_for(self, listener: str) -> str:
+        """Bootstrap servers of the extra listener ``listener`` (see ``listeners``)."""
+        return ",".join(f"127.0.0.1:{node.listener_ports[listener.upper()]}" for node in self.nodes)
 
     @property
     def log_dir(self) -> Path:
@@ -347,15 +362,18 @@ class ApacheKafka:
     def properties(self, node: KafkaNode) -> dict[str, str]:
         rf, isr = str(self.replication_factor), str(self.min_insync_replicas)
         voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in self.nodes)
+        extra = "".join(f",{name}://127.0.0.1:{node.listener_ports[name]}" for name in self.listeners)
+        protocols = "".join(f",{name}:{protocol}" for name, protocol in self.listeners.items())
         props = {
             "process.roles": "broker,controller",
             "node.id": str(node.node_id),
             "controller.quorum.voters": voters,
-            "listeners": f"PLAINTEXT://127.0.0.1:{node.broker_port},CONTROLLER://127.0.0.1:{node.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{node.broker_port}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{node.broker_port},CONTROLLER://127.0.0.1:{node.controller_port}"
+                         f"{extra}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{node.broker_port}{extra}",
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "listener.security.protocol.map": f"CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT{protocols}",
             "log.dirs": str(node.folder / "data"),
             "auto.create.topics.enable": "false",
             "num.partitions": "1",

@@ -141,7 +141,7 @@ def parse_args(argv: Sequence[str]) -> tuple[CameraSettings, argparse.Namespace]
 def publish_folder(settings: CameraSettings, ns: argparse.Namespace, telemetry: object = None) -> int:
     """Publish ``--dir`` until done, ``--frames`` or SIGTERM (finish the frame in hand, flush, exit 0)."""
     images = load_images(find_images(ns.dir))
-    producer = KafkaProducer(**producer_kwargs(settings))
+    producer = kafka_io.make_producer(producer_kwargs(settings))
     camera = Camera(producer, settings.input_topic, ns.camera_id, ns.category, ns.cameras)
     stopping = threading.Event()
     try:

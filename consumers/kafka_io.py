@@ -1,22 +1,31 @@
 """kafka-python plumbing shared by the worker, the camera and the demo: clients, checked sends, retries.
 
 `connect` builds a client and retries transient failures (broker not up yet) with capped exponential
-backoff until it works or the caller asks to stop. `send` never raises for a per-record problem: it
+backoff until it works or the caller asks to stop. A client that cannot bootstrap because of its security
+settings (untrusted or expired certificate, refused client certificate, wrong SASL credentials, plaintext on a
+TLS listener) is not retried: `make_consumer` / `make_producer` probe the first bootstrap server
+(`diagnose_security`) and raise a `ConfigError` naming the ``HPAD_*`` setting to fix (the command exits 2). `send` never raises for a per-record problem: it
 returns a `Delivery` whose outcome is known after the producer is flushed (a future, or the error
 ``KafkaProducer.send`` raised at once, e.g. MessageSizeTooLargeError), so callers check every record.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+import ssl
+import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
 from kafka import KafkaConsumer, KafkaProducer
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, KafkaTimeoutError
+
+from hpad.errors import ConfigError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,11 +70,144 @@ def connect(factory: Callable[[], T], what: str, stop: threading.Event, backoff:
 
 
 def make_consumer(kwargs: dict) -> KafkaConsumer:
-    return KafkaConsumer(**kwargs)
+    with security_diagnosed(kwargs):
+        return KafkaConsumer(**kwargs)
 
 
 def make_producer(kwargs: dict) -> KafkaProducer:
-    return KafkaProducer(**kwargs)
+    with security_diagnosed(kwargs):
+        return KafkaProducer(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------ security diagnosis
+
+_TLS_ALERT_HINTS = ("ALERT_BAD_CERTIFICATE", "ALERT_CERTIFICATE_UNKNOWN", "ALERT_CERTIFICATE_EXPIRED",
+                    "ALERT_CERTIFICATE_REQUIRED", "ALERT_UNKNOWN_CA", "ALERT_HANDSHAKE_FAILURE")
+
+
+@contextlib.contextmanager
+def security_diagnosed(kwargs: dict) -> Iterator[None]:
+    """Around building a client: a bootstrap failure that `diagnose_security` explains becomes a ConfigError."""
+    try:
+        yield
+    except KafkaTimeoutError as exc:  # "Unable to bootstrap from ..."
+        problem = diagnose_security(kwargs)
+        if problem is not None:
+            raise ConfigError(f"cannot connect to Kafka at {_first_server(kwargs)}: {problem}") from exc
+        raise
+
+
+def _first_server(kwargs: dict) -> str:
+    servers = kwargs.get("bootstrap_servers") or ["127.0.0.1:9092"]
+    return (servers.split(",") if isinstance(servers, str) else list(servers))[0].strip()
+
+
+def _api_versions_request() -> bytes:
+    """A Kafka ApiVersions v0 request (the first thing every client sends), length-prefixed."""
+    client = b"hpad-probe"
+    body = struct.pack(">hhih", 18, 0, 1, len(client)) + client
+    return struct.pack(">i", len(body)) + body
+
+
+def _answers_kafka(sock: socket.socket) -> bool:
+    """Send ApiVersions; True when its response comes back (length, correlation id 1), False when the broker
+    closes the connection or answers something else (a TLS alert)."""
+    sock.sendall(_api_versions_request())
+    head = b""
+    try:
+        while len(head) < 8:
+            chunk = sock.recv(8 - len(head))
+            if not chunk:
+                return False
+            head += chunk
+    except ConnectionResetError:
+        return False
+    return struct.unpack(">i", head[4:8])[0] == 1
+
+
+def _tls_context(kwargs: dict, verify: bool = True) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=kwargs.get("ssl_cafile"))
+    if not verify:
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    else:
+        context.check_hostname = bool(kwargs.get("ssl_check_hostname", True))
+    if kwargs.get("ssl_certfile"):
+        context.load_cert_chain(kwargs["ssl_certfile"], kwargs.get("ssl_keyfile"), kwargs.get("ssl_password"))
+    return context
+
+
+def diagnose_security(kwargs: dict, timeout_s: float = 5.0) -> str | None:
+    """Why a client with these kafka-python ``kwargs`` cannot bootstrap, when it is a security setting.
+
+    One probe of the first bootstrap server: TCP, the TLS handshake with the client's own TLS settings (for SSL
+    and SASL_SSL), then an ApiVersions request. Returns a message naming the setting to fix, or None when the
+    cause is not (provably) a setting: the broker is not reachable, or everything worked (then retrying is
+    right). Without TLS, a broker that closes the connection on a Kafka request but completes a TLS handshake
+    is a TLS listener. With SASL, a broker that answers Kafka requests over the same transport but whose
+    connections still fail refused the SASL credentials. Never includes a secret."""
+    server = _first_server(kwargs)
+    host, _, port_text = server.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    protocol = kwargs.get("security_protocol") or "PLAINTEXT"
+    tls = protocol in ("SSL", "SASL_SSL")
+    sasl = protocol.startswith("SASL")
+    try:
+        raw = socket.create_connection((host, int(port_text)), timeout=timeout_s)
+    except (OSError, ValueError):
+        return None  # not up (yet): retrying is right
+    with raw:
+        if not tls:
+            try:
+                if _answers_kafka(raw):
+                    return (f"the broker answers Kafka requests but refused the SASL {kwargs.get('sasl_mechanism')} "
+                            "login: check HPAD_SASL_PLAIN_USERNAME, HPAD_SASL_PLAIN_PASSWORD and "
+                            "HPAD_SASL_MECHANISM") if sasl else None
+            except OSError:
+                pass
+            return _tls_listener_hint(host, int(port_text), timeout_s, protocol)
+        try:
+            context = _tls_context(kwargs)
+        except (ssl.SSLError, OSError) as exc:
+            return (f"the client certificate or key cannot be loaded ({type(exc).__name__}: {exc.args[-1]}): check "
+                    "HPAD_SSL_CERTFILE, HPAD_SSL_KEYFILE and HPAD_SSL_PASSWORD")
+        try:
+            with context.wrap_socket(raw, server_hostname=host) as conn:
+                answered = _answers_kafka(conn)
+        except ssl.SSLCertVerificationError as exc:
+            if exc.verify_code == 10:  # X509_V_ERR_CERT_HAS_EXPIRED
+                return (f"the broker's TLS certificate has expired ({exc.verify_message}): renew the broker's "
+                        "certificate")
+            if exc.verify_code in (62, 64):  # host name / IP address mismatch
+                return (f"the broker's TLS certificate does not name {host} ({exc.verify_message}): use a "
+                        "name it lists in HPAD_BOOTSTRAP_SERVERS (or HPAD_SSL_CHECK_HOSTNAME=false)")
+            return (f"the broker's TLS certificate is not trusted ({exc.verify_message}): HPAD_SSL_CAFILE "
+                    f"({kwargs.get('ssl_cafile') or 'the system CAs'}) must hold the CA that signed it")
+        except ssl.SSLError as exc:
+            reason = str(exc.reason or exc)
+            if any(hint in reason for hint in _TLS_ALERT_HINTS):
+                return (f"the broker refused the TLS handshake ({reason}): it requires a client certificate it "
+                        "trusts and that is valid: check HPAD_SSL_CERTFILE and HPAD_SSL_KEYFILE")
+            return f"TLS failed ({reason}): check HPAD_SECURITY_PROTOCOL and HPAD_SSL_CAFILE"
+        except OSError:
+            return None
+    if answered and sasl:
+        return (f"TLS to the broker works but it refused the SASL {kwargs.get('sasl_mechanism')} login (or the "
+                "listener offers no SASL): check HPAD_SASL_PLAIN_USERNAME, HPAD_SASL_PLAIN_PASSWORD and "
+                "HPAD_SASL_MECHANISM")
+    return None
+
+
+def _tls_listener_hint(host: str, port: int, timeout_s: float, protocol: str) -> str | None:
+    """A plaintext Kafka request was refused: is it a TLS listener? (a handshake, certificates unchecked)"""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as raw, \
+                _tls_context({}, verify=False).wrap_socket(raw, server_hostname=host):
+            pass
+    except (OSError, ssl.SSLError):
+        return None
+    wanted = "SASL_SSL" if protocol == "SASL_PLAINTEXT" else "SSL"
+    return (f"{host}:{port} is a TLS listener but HPAD_SECURITY_PROTOCOL is {protocol}: set "
+            f"HPAD_SECURITY_PROTOCOL={wanted} and HPAD_SSL_CAFILE")
 
 
 class UnconfirmedWriteError(KafkaError):

@@ -127,6 +127,7 @@ class KafkaPromptProvider(PromptProvider):
         self.caught_up = threading.Event()
         self._positions: dict[TopicPartition, int] = {}  # next offset to read, kept across reconnects
         self._thread: threading.Thread | None = None
+        self.error: ConfigError | None = None  # a security setting the follower cannot connect with
         self.swaps: list[tuple[str, int]] = []  # (category, version) installed after the initial catch-up
         self.rejected: list[tuple[str, int, str]] = []  # (category, version, reason)
         now = time.time()
@@ -142,7 +143,10 @@ class KafkaPromptProvider(PromptProvider):
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="hpad-prompts", daemon=True)
             self._thread.start()
-        if not self.caught_up.wait(wait_s):
+        caught_up = self.caught_up.wait(wait_s)
+        if self.error is not None:
+            raise self.error
+        if not caught_up:
             log.warning("prompts topic %s not read to its end within %.0f s; scoring starts with the versions "
                         "known so far and swaps as the rest arrive", self.topic, wait_s)
             return False
@@ -216,6 +220,10 @@ class KafkaPromptProvider(PromptProvider):
                     self._stop.wait(self.retry_s)
                     continue
                 self._follow(consumer, [TopicPartition(self.topic, p) for p in sorted(partitions)])
+            except ConfigError as exc:  # a security setting: start() raises it (the process exits 2)
+                self.error = exc
+                self.caught_up.set()
+                return
             except KafkaError as exc:
                 log.warning("prompts topic %s: %s; reconnecting in %.0f s (current versions keep scoring)",
                             self.topic, exc, self.retry_s)

