@@ -10,7 +10,9 @@ dead letter; a refused dead letter stops the worker (`OutputDeliveryError`).
 
 `Deliverer.deliver_transaction` (exactly-once) does the same inside one transaction per batch that also
 carries the consumer offsets; any failure aborts the transaction and the batch is sent again (in careful
-mode after a refusal, to find and swap the refused record).
+mode after a refusal, to find and swap the refused record). A fenced producer (another worker initialised the
+same transactional id) stops the worker at once (`OutputDeliveryError`), without an abort or a retry: the
+broker has aborted its open transaction already.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kafka import KafkaProducer
-from kafka.errors import KafkaError
+from kafka.errors import InvalidProducerEpochError, KafkaError, ProducerFencedError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from consumers import kafka_io
@@ -30,6 +32,20 @@ from consumers.metrics import WorkerMetrics
 from hpad.errors import HpadError
 
 log = logging.getLogger(__name__)
+
+
+def is_fenced(exc: BaseException) -> bool:
+    """Another producer took over this transactional id (PRODUCER_FENCED). By the text too: after fencing
+    kafka-python 3.0.12 raises a plain KafkaError naming the cause. (INVALID_PRODUCER_EPOCH from a partition
+    leader is abortable since KIP-588: the abort that follows answers PRODUCER_FENCED if it really was.)"""
+    return isinstance(exc, ProducerFencedError) or "ProducerFencedError" in str(exc)
+
+
+def _raise_if_transaction_failed(error: BaseException) -> None:
+    """A record's error that is the transaction's (fenced, or the producer epoch bumped by the coordinator),
+    not the record's: raised, so the batch is aborted (or the worker stops), never dead-lettered for it."""
+    if is_fenced(error) or isinstance(error, InvalidProducerEpochError):
+        raise error
 
 
 class OutputDeliveryError(HpadError):
@@ -85,7 +101,7 @@ class Deliverer:
         result = Round([], [], [])
         for out in [*waiting, *outs]:
             assert out.delivery is not None
-            ok, error = out.delivery.outcome(require_offset=True)  # see kafka_io.UnconfirmedWriteError
+            ok, error = out.delivery.outcome(require_offset=True)  # tansu; never on Apache Kafka: kafka_io.UnconfirmedWriteError
             if ok:
                 continue
             if error is None:
@@ -170,16 +186,26 @@ class Deliverer:
     # ------------------------------------------------------------------------------ exactly-once
     def deliver_transaction(self, outs: list[Output], offsets: dict[TopicPartition, OffsetAndMetadata],
                             group_metadata: Callable[[], object]) -> bool:
-        """One transaction: all outputs + ``offsets``; aborted and repeated until it commits (or stop)."""
+        """One transaction: all outputs + ``offsets``; aborted and repeated until it commits (or stop).
+
+        Fenced (another producer initialised the same transactional id): `OutputDeliveryError` at once, never
+        an abort or a retry. The broker has already aborted the open transaction, and kafka-python 3.0.12
+        refuses every later transactional call (abort included) with a plain KafkaError whose text names
+        ProducerFencedError. The fencing can surface on ``commit_transaction``, or earlier on the records'
+        futures (AddPartitionsToTxn answered PRODUCER_FENCED), where it must not be taken for a refused
+        record (careful mode would dead-letter the batch's events).
+        """
         backoff = kafka_io.Backoff(self.backoff_s, self.backoff_max_s)
         careful = False
         while not self.stop.is_set():
-            self.producer.begin_transaction()
             try:
+                self.producer.begin_transaction()
                 if careful:
                     sent = self._each_in_transaction(outs)
                 else:
                     result = self._round(outs, [])
+                    for _, error in result.refused:
+                        _raise_if_transaction_failed(error)
                     sent = not (result.retry or result.pending or result.refused)
                     careful = bool(result.refused)
                 if sent:
@@ -188,8 +214,9 @@ class Deliverer:
                     self.producer.commit_transaction()
                     return True
             except KafkaError as exc:
-                if "Fenced" in type(exc).__name__:
-                    raise OutputDeliveryError(f"transactional producer fenced (another worker took over): {exc}") from exc
+                if is_fenced(exc):
+                    raise OutputDeliveryError(f"transactional producer fenced (another worker took over): {exc}; "
+                                              "stopping without committing the batch") from exc
                 log.warning("transaction failed (%s); aborting and retrying", exc)
             except OutputDeliveryError:
                 self._abort()
@@ -204,6 +231,7 @@ class Deliverer:
             status, error = self._alone(out)
             if status == "refused":
                 assert error is not None
+                _raise_if_transaction_failed(error)
                 self._swap(out, error)
                 return False
             if status == "retry":
@@ -214,7 +242,9 @@ class Deliverer:
         try:
             self.producer.abort_transaction()
         except KafkaError as exc:
-            raise OutputDeliveryError(f"cannot abort the transaction: {exc}") from exc
+            what = "transactional producer fenced (another worker took over)" if is_fenced(exc) else \
+                "cannot abort the transaction"
+            raise OutputDeliveryError(f"{what}: {exc}") from exc
 
     def close(self, timeout_s: float) -> None:
         try:
