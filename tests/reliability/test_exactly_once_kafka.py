@@ -4,9 +4,9 @@ tansu accepts transactions but does not isolate them (/work/shared/ENVIRONMENT.m
 be proven against Apache Kafka (`consumers.apache_kafka`). Here ``hpad serve`` runs as a real process with
 ``HPAD_EXACTLY_ONCE=true`` (model hpad-tiny, random init, cpu) and a fixed ``HPAD_TRANSACTIONAL_ID``:
 
-* `test_sigkill_loop_exactly_once`: 2,000 small frames (2 % poison, dead-lettered), the worker SIGKILLed at
-  least 5 times at random points (a seeded RNG picks how far the output topics grow before each kill) and
-  restarted with the same transactional id and group. A ``read_committed`` reader then sees every frame_id
+* `test_sigkill_loop_exactly_once`: 2,000 small frames (2 % poison, dead-lettered), the worker SIGKILLed 8
+  times at random points (a seeded RNG picks how far the output topics grow before each kill and where in
+  the transaction it is aimed, see `run_and_kill`) and restarted with the same transactional id and group. A ``read_committed`` reader then sees every frame_id
   exactly once (events + dead letters together), and every record a ``read_uncommitted`` reader sees beyond
   that belongs to an aborted transaction (all transactions are decided at the end: last stable offset ==
   high watermark) of a batch none of whose records were committed. The counts table is printed (``-s``).
@@ -163,8 +163,8 @@ def committed(kafka: ApacheKafka, group: str, topic: str) -> dict[int, int | Non
         consumer.close(autocommit=False)
 
 
-def check_exactly_once(kafka: ApacheKafka, topics: Topics, frames: list[Frame]) -> dict[str, int]:
-    """read_committed: every frame once; read_uncommitted extras: aborted only. Returns the counts."""
+def check_exactly_once(kafka: ApacheKafka, topics: Topics, frames: list[Frame]) -> tuple[dict[str, int], list[Out]]:
+    """read_committed: every frame once; read_uncommitted extras: aborted only. Returns (counts, extras)."""
     ids = {f.frame_id for f in frames}
     poison = {f.frame_id for f in frames if f.frame_id.startswith("poison-")}
     hw = Offsets(kafka, [topics.events, topics.dlq])
@@ -200,7 +200,7 @@ def check_exactly_once(kafka: ApacheKafka, topics: Topics, frames: list[Frame]) 
         "aborted events": sum(o.topic == topics.events for o in extra),
         "aborted dead letters": sum(o.topic == topics.dlq for o in extra),
         "aborted batches (distinct batch_id)": len(aborted_batches),
-    }
+    }, extra
 
 
 def table(counts: dict[str, int]) -> str:
@@ -208,28 +208,53 @@ def table(counts: dict[str, int]) -> str:
     return "\n".join(["| count | value |", "|---|---|", *(f"| {k:<{width}} | {v} |" for k, v in counts.items())])
 
 
+SLOW_COMMIT = """
+import os, time
+from kafka import KafkaProducer
+from hpad.cli import main
+
+real = KafkaProducer.commit_transaction
+delay = float(os.environ["EOS_TEST_COMMIT_DELAY_S"])
+def slow_commit(self):  # widen the in-flight window: the batch's records and offsets are sent, not committed
+    time.sleep(delay)
+    return real(self)
+KafkaProducer.commit_transaction = slow_commit
+raise SystemExit(main(["serve"]))
+"""
+
+
 def run_and_kill(kafka: ApacheKafka, topics: Topics, log_path, txn_id: str, rng: random.Random, growth: Offsets,
-                 stable: Offsets) -> tuple[int, str]:
-    """Start a worker, SIGKILL it once the output topics grew by a random amount (and, 3 times in 5, while a
-    transaction is open: high watermark ahead of the last stable offset). Returns (growth, where aimed)."""
-    process, log = spawn(kafka, topics, log_path, txn_id)
+                 stable: Offsets) -> tuple[int, str, int]:
+    """Start a worker, SIGKILL it once the output topics grew by a random amount, at a point drawn from:
+
+    * ``anywhere``: 0-50 ms later (scoring, sending, committing or between transactions);
+    * ``open transaction``: as soon as a transaction's records are on the log (high watermark ahead of the
+      last stable offset): before or while its commit markers are written;
+    * ``before EndTxn``: the worker runs with a commit that waits 0.3 s first (`SLOW_COMMIT`), so the batch's
+      records and its offsets (``send_offsets_to_transaction``) are sent and not committed; killed 0-0.2 s
+      into that wait: the offsets must not advance with the aborted transaction.
+
+    Returns (how far the output grew, where the kill was aimed, the worker's pid)."""
+    mode = rng.choices(["anywhere", "open transaction", "before EndTxn"], [0.4, 0.3, 0.3])[0]
+    process, log = spawn(kafka, topics, log_path, txn_id, code=SLOW_COMMIT if mode == "before EndTxn" else None,
+                         extra_env={"EOS_TEST_COMMIT_DELAY_S": "0.3"})
     base = growth.total()
     target = base + rng.randint(40, 200)  # offsets of the output topics: records and transaction markers
     try:
         wait_for(lambda: growth.total() >= target or process.poll() is not None, timeout=90, interval=0.01,
                  what=f"output grows to {target}")
-        if rng.random() < 0.6:  # while a transaction's records are on the log, before its marker
-            mode = "open transaction"
+        if mode == "anywhere":
+            time.sleep(rng.uniform(0, 0.05))
+        else:
             wait_for(lambda: stable.ends() != growth.ends() or process.poll() is not None, timeout=30,
                      interval=0.002, what="an open transaction")
-        else:
-            mode = "anywhere"  # between transactions, scoring, sending, or committing
-            time.sleep(rng.uniform(0, 0.05))
+            if mode == "before EndTxn":
+                time.sleep(rng.uniform(0, 0.2))
         assert process.poll() is None, log_path.read_text()[-3000:]
     finally:
         code = stop(process, log)
     assert code == -signal.SIGKILL
-    return growth.total() - base, mode
+    return growth.total() - base, mode, process.pid
 
 
 def test_sigkill_loop_exactly_once(kafka, tmp_path):
@@ -257,25 +282,16 @@ def test_sigkill_loop_exactly_once(kafka, tmp_path):
     finally:
         growth.close()
         stable.close()
-    counts = check_exactly_once(kafka, topics, frames)
+    counts, extra = check_exactly_once(kafka, topics, frames)
     counts = {**counts, "kills (SIGKILL)": kills}
-    print(f"\noutput offsets grown before each kill (and where it was aimed): {at_kill}; committed at the last kill: {at_last_kill}\n"
-          f"{table(counts)}")
+    aborted_by = collections.Counter(o.batch.split("#")[0].rsplit(":", 1)[-1] for o in extra)
+    kill_lines = [f"| {i + 1} | {mode} | {grown} | {aborted_by.get(str(pid), 0)} |"
+                  for i, (grown, mode, pid) in enumerate(at_kill)]
+    print("\n| kill | aimed at | output offsets grown | its records aborted |\n|---|---|---|---|\n"
+          + "\n".join(kill_lines) + f"\ncommitted input offsets at the last kill: {at_last_kill}\n{table(counts)}")
     assert counts["aborted-only records"] > 0, "no kill landed inside a transaction: nothing was tested"
 
 
-SLOW_COMMIT = """
-import time
-from kafka import KafkaProducer
-from hpad.cli import main
-
-real = KafkaProducer.commit_transaction
-def slow_commit(self):  # widen the in-flight window: the batch's records are on the log, not yet committed
-    time.sleep(0.4)
-    return real(self)
-KafkaProducer.commit_transaction = slow_commit
-raise SystemExit(main(["serve"]))
-"""
 
 
 def test_second_worker_fences_the_first(kafka, tmp_path):
@@ -285,7 +301,7 @@ def test_second_worker_fences_the_first(kafka, tmp_path):
     txn_id = f"hpad-fence-{uuid.uuid4().hex[:6]}"
     growth = Offsets(kafka, [topics.events, topics.dlq])
     first, first_log = spawn(kafka, topics, tmp_path / "first.log", txn_id, code=SLOW_COMMIT,
-                             extra_env={"HPAD_CLIENT_ID": "first"})
+                             extra_env={"HPAD_CLIENT_ID": "first", "EOS_TEST_COMMIT_DELAY_S": "0.4"})
     second = second_log = None
     try:
         wait_for(lambda: growth.total() >= 40 or first.poll() is not None, timeout=90, interval=0.05,
@@ -303,7 +319,7 @@ def test_second_worker_fences_the_first(kafka, tmp_path):
     assert first_code == 1, first_text[-3000:]
     assert second_code == 0, (tmp_path / "second.log").read_text()[-3000:]
     assert "fenced" in first_text.lower(), first_text[-3000:]
-    counts = check_exactly_once(kafka, topics, frames)
+    counts, _ = check_exactly_once(kafka, topics, frames)
     seen = outputs(kafka, topics, "read_uncommitted")
     good = {(o.topic, o.partition, o.offset) for o in outputs(kafka, topics, "read_committed")}
     first_aborted = [o for o in seen if (o.topic, o.partition, o.offset) not in good and o.batch.startswith("first@")]
