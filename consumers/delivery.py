@@ -52,6 +52,10 @@ class OutputDeliveryError(HpadError):
     """Output cannot be delivered (e.g. the dead-letter topic refuses records): stop, commit nothing more."""
 
 
+class TransactionTimeoutError(OutputDeliveryError):
+    """A transaction's commit or abort did not finish in time: the worker stops with it undecided."""
+
+
 @dataclass(eq=False)
 class Output:
     """One output record of a frame: an event, or a dead letter (``reason`` set)."""
@@ -211,13 +215,15 @@ class Deliverer:
                 if sent:
                     if offsets:
                         self.producer.send_offsets_to_transaction(offsets, group_metadata())
-                    self.producer.commit_transaction()
+                    self._end_transaction(commit=True)
                     return True
             except KafkaError as exc:
                 if is_fenced(exc):
                     raise OutputDeliveryError(f"transactional producer fenced (another worker took over): {exc}; "
                                               "stopping without committing the batch") from exc
                 log.warning("transaction failed (%s); aborting and retrying", exc)
+            except TransactionTimeoutError:
+                raise  # undecided: an abort now is refused (kafka-python is still committing)
             except OutputDeliveryError:
                 self._abort()
                 raise
@@ -240,11 +246,31 @@ class Deliverer:
 
     def _abort(self) -> None:
         try:
-            self.producer.abort_transaction()
+            self._end_transaction(commit=False)
         except KafkaError as exc:
             what = "transactional producer fenced (another worker took over)" if is_fenced(exc) else \
                 "cannot abort the transaction"
             raise OutputDeliveryError(f"{what}: {exc}") from exc
+
+    def _end_transaction(self, commit: bool) -> None:
+        """Commit or abort, waiting at most ``flush_timeout_s``. kafka-python 3.0.12's commit_transaction and
+        abort_transaction wait without a deadline (max_block_ms does not apply): with the broker killed during
+        a commit, commit_transaction was still blocked 150 s after the broker was back, and the worker, whose
+        main loop goes on polling (and looking healthy), would never deliver again. Past the deadline the
+        worker stops (`OutputDeliveryError`) with the transaction undecided: its restart (same transactional
+        id) makes the coordinator finish or abort it, and nothing of the batch is committed until then."""
+        manager = getattr(self.producer, "_transaction_manager", None)
+        sender = getattr(self.producer, "_sender", None)
+        begin = getattr(manager, "begin_commit" if commit else "begin_abort", None)
+        if begin is None or sender is None:  # another client (or a test double): its own public call
+            (self.producer.commit_transaction if commit else self.producer.abort_transaction)()
+            return
+        result = begin()
+        sender.wakeup()
+        if not result.wait(timeout_ms=int(self.flush_timeout_s * 1000)):  # raises the transaction's error
+            raise TransactionTimeoutError(f"the transaction's {'commit' if commit else 'abort'} did not finish in "
+                                      f"{self.flush_timeout_s:.0f} s (broker unreachable?); stopping with it "
+                                      "undecided: a restarted worker with the same transactional id resolves it")
 
     def close(self, timeout_s: float) -> None:
         try:

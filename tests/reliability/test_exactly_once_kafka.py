@@ -40,7 +40,7 @@ from kafka.net.compat import KafkaNetClient
 from consumers import kafka_io
 from consumers.apache_kafka import ApacheKafka
 from consumers.camera import frame_headers
-from consumers.delivery import Deliverer, Output, OutputDeliveryError
+from consumers.delivery import Deliverer, Output, OutputDeliveryError, TransactionTimeoutError
 from consumers.metrics import WorkerMetrics
 from tests.consumers.kafka_helpers import Frame, Topics, good_frame, publish, read_all, wait_for
 
@@ -210,21 +210,21 @@ def table(counts: dict[str, int]) -> str:
 
 SLOW_COMMIT = """
 import os, time
-from kafka import KafkaProducer
+from kafka.producer.transaction_manager import TransactionManager
 from hpad.cli import main
 
-real = KafkaProducer.commit_transaction
+real = TransactionManager.begin_commit
 delay = float(os.environ["EOS_TEST_COMMIT_DELAY_S"])
 def slow_commit(self):  # widen the in-flight window: the batch's records and offsets are sent, not committed
     time.sleep(delay)
     return real(self)
-KafkaProducer.commit_transaction = slow_commit
+TransactionManager.begin_commit = slow_commit
 raise SystemExit(main(["serve"]))
 """
 
 
 def run_and_kill(kafka: ApacheKafka, topics: Topics, log_path, txn_id: str, rng: random.Random, growth: Offsets,
-                 stable: Offsets) -> tuple[int, str, int]:
+                 stable: Offsets) -> tuple[int, str, int] | None:
     """Start a worker, SIGKILL it once the output topics grew by a random amount, at a point drawn from:
 
     * ``anywhere``: 0-50 ms later (scoring, sending, committing or between transactions);
@@ -234,15 +234,24 @@ def run_and_kill(kafka: ApacheKafka, topics: Topics, log_path, txn_id: str, rng:
       records and its offsets (``send_offsets_to_transaction``) are sent and not committed; killed 0-0.2 s
       into that wait: the offsets must not advance with the aborted transaction.
 
-    Returns (how far the output grew, where the kill was aimed, the worker's pid)."""
+    Returns (how far the output grew, where the kill was aimed, the worker's pid), or None when the worker got
+    no partitions: kafka-python 3.0.12 now and then leads the first JoinGroup without the topic's metadata
+    ("No partition metadata for topic", assigned []) and does not rejoin when it arrives; such a worker is
+    SIGKILLed after 20 s and does not count as a kill."""
     mode = rng.choices(["anywhere", "open transaction", "before EndTxn"], [0.4, 0.3, 0.3])[0]
     process, log = spawn(kafka, topics, log_path, txn_id, code=SLOW_COMMIT if mode == "before EndTxn" else None,
                          extra_env={"EOS_TEST_COMMIT_DELAY_S": "0.3"})
     base = growth.total()
     target = base + rng.randint(40, 200)  # offsets of the output topics: records and transaction markers
     try:
-        wait_for(lambda: growth.total() >= target or process.poll() is not None, timeout=90, interval=0.01,
-                 what=f"output grows to {target}")
+        try:
+            wait_for(lambda: growth.total() >= target or process.poll() is not None, timeout=20, interval=0.01,
+                     what=f"output grows to {target}")
+        except AssertionError:
+            assigned = [line for line in log_path.read_text().splitlines() if "consumers.rebalance: assigned" in line]
+            if assigned and all(line.endswith("assigned []") for line in assigned):
+                return None
+            raise
         if mode == "anywhere":
             time.sleep(rng.uniform(0, 0.05))
         else:
@@ -267,8 +276,14 @@ def test_sigkill_loop_exactly_once(kafka, tmp_path):
     txn_id = f"hpad-eos-{uuid.uuid4().hex[:6]}"
     kills, at_kill = 0, []
     try:
+        stalled = 0
         while kills < KILLS:
-            at_kill.append(run_and_kill(kafka, topics, tmp_path / f"worker-{kills}.log", txn_id, rng, growth, stable))
+            done = run_and_kill(kafka, topics, tmp_path / f"worker-{kills}-{stalled}.log", txn_id, rng, growth, stable)
+            if done is None:
+                stalled += 1
+                assert stalled <= 3, "too many workers without partitions"
+                continue
+            at_kill.append(done)
             kills += 1
         at_last_kill = committed(kafka, topics.group, topics.frames)
         assert sum(o or 0 for o in at_last_kill.values()) < FRAMES, "finished before the last kill"
@@ -283,7 +298,7 @@ def test_sigkill_loop_exactly_once(kafka, tmp_path):
         growth.close()
         stable.close()
     counts, extra = check_exactly_once(kafka, topics, frames)
-    counts = {**counts, "kills (SIGKILL)": kills}
+    counts = {**counts, "kills (SIGKILL)": kills, "restarts without partitions (kafka-python race)": stalled}
     aborted_by = collections.Counter(o.batch.split("#")[0].rsplit(":", 1)[-1] for o in extra)
     kill_lines = [f"| {i + 1} | {mode} | {grown} | {aborted_by.get(str(pid), 0)} |"
                   for i, (grown, mode, pid) in enumerate(at_kill)]
@@ -449,3 +464,41 @@ def test_fencing_seen_on_the_records_is_fencing_not_a_refusal(kafka, fenced):
     assert swapped == [] and outs[0].reason is None
     assert isinstance(outs[0].delivery.outcome()[1], ProducerFencedError)
     assert read_all(kafka, topic, isolation_level="read_committed", idle=0.5) == []
+
+
+def test_commit_with_the_broker_gone_stops_in_time(kafka):
+    """kafka-python 3.0.12's commit_transaction waits without a deadline (max_block_ms does not apply; with
+    the broker killed mid-commit it was still blocked 150 s after the broker came back). The Deliverer waits
+    at most its flush timeout and stops with the transaction undecided (`TransactionTimeoutError`); the next
+    producer with the same transactional id aborts it: nothing of the batch is committed.
+    (Runs last: it kills the module's broker and starts it again.)"""
+    topic = f"gone-{uuid.uuid4().hex[:8]}"
+    kafka.create_topic(topic, 1)
+    txn_id = f"g-{topic}"
+    producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, transactional_id=txn_id, max_block_ms=3000)
+    producer.init_transactions()
+    deliverer = Deliverer(producer, lambda: producer, WorkerMetrics(), threading.Event(), lambda out, error: out,
+                          flush_timeout_s=3.0)
+    real_round = deliverer._round
+
+    def round_then_crash(outs, waiting):
+        result = real_round(outs, waiting)
+        kafka.kill(0)  # the records are on the log; EndTxn finds no broker
+        return result
+
+    deliverer._round = round_then_crash
+    outs = [Output(types.SimpleNamespace(source=(topic, 0, 0)), topic, None, b"event", [])]
+    began = time.monotonic()
+    try:
+        with pytest.raises(TransactionTimeoutError, match="did not finish in 3 s"):
+            deliverer.deliver_transaction(outs, {}, lambda: None)
+        waited = time.monotonic() - began
+    finally:
+        producer.close(timeout=0)
+        kafka.start_node(0)
+    assert waited < 10, waited
+    successor = KafkaProducer(bootstrap_servers=kafka.bootstrap, transactional_id=txn_id)
+    successor.init_transactions()  # aborts the undecided transaction
+    successor.close()
+    assert read_all(kafka, topic, isolation_level="read_committed", idle=0.5) == []
+    assert [r.value for r in read_all(kafka, topic, expected=1)] == [b"event"]  # written, then aborted
