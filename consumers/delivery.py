@@ -10,7 +10,9 @@ dead letter; a refused dead letter stops the worker (`OutputDeliveryError`).
 
 `Deliverer.deliver_transaction` (exactly-once) does the same inside one transaction per batch that also
 carries the consumer offsets; any failure aborts the transaction and the batch is sent again (in careful
-mode after a refusal, to find and swap the refused record).
+mode after a refusal, to find and swap the refused record). A fenced producer (another worker initialised the
+same transactional id) stops the worker at once (`OutputDeliveryError`), without an abort or a retry: the
+broker has aborted its open transaction already.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kafka import KafkaProducer
-from kafka.errors import KafkaError
+from kafka.errors import InvalidProducerEpochError, KafkaError, ProducerFencedError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from consumers import kafka_io
@@ -32,8 +34,26 @@ from hpad.errors import HpadError
 log = logging.getLogger(__name__)
 
 
+def is_fenced(exc: BaseException) -> bool:
+    """Another producer took over this transactional id (PRODUCER_FENCED). By the text too: after fencing
+    kafka-python 3.0.12 raises a plain KafkaError naming the cause. (INVALID_PRODUCER_EPOCH from a partition
+    leader is abortable since KIP-588: the abort that follows answers PRODUCER_FENCED if it really was.)"""
+    return isinstance(exc, ProducerFencedError) or "ProducerFencedError" in str(exc)
+
+
+def _raise_if_transaction_failed(error: BaseException) -> None:
+    """A record's error that is the transaction's (fenced, or the producer epoch bumped by the coordinator),
+    not the record's: raised, so the batch is aborted (or the worker stops), never dead-lettered for it."""
+    if is_fenced(error) or isinstance(error, InvalidProducerEpochError):
+        raise error
+
+
 class OutputDeliveryError(HpadError):
     """Output cannot be delivered (e.g. the dead-letter topic refuses records): stop, commit nothing more."""
+
+
+class TransactionTimeoutError(OutputDeliveryError):
+    """A transaction's commit or abort did not finish in time: the worker stops with it undecided."""
 
 
 @dataclass(eq=False)
@@ -85,7 +105,7 @@ class Deliverer:
         result = Round([], [], [])
         for out in [*waiting, *outs]:
             assert out.delivery is not None
-            ok, error = out.delivery.outcome(require_offset=True)  # see kafka_io.UnconfirmedWriteError
+            ok, error = out.delivery.outcome(require_offset=True)  # tansu; never on Apache Kafka: kafka_io.UnconfirmedWriteError
             if ok:
                 continue
             if error is None:
@@ -170,27 +190,40 @@ class Deliverer:
     # ------------------------------------------------------------------------------ exactly-once
     def deliver_transaction(self, outs: list[Output], offsets: dict[TopicPartition, OffsetAndMetadata],
                             group_metadata: Callable[[], object]) -> bool:
-        """One transaction: all outputs + ``offsets``; aborted and repeated until it commits (or stop)."""
+        """One transaction: all outputs + ``offsets``; aborted and repeated until it commits (or stop).
+
+        Fenced (another producer initialised the same transactional id): `OutputDeliveryError` at once, never
+        an abort or a retry. The broker has already aborted the open transaction, and kafka-python 3.0.12
+        refuses every later transactional call (abort included) with a plain KafkaError whose text names
+        ProducerFencedError. The fencing can surface on ``commit_transaction``, or earlier on the records'
+        futures (AddPartitionsToTxn answered PRODUCER_FENCED), where it must not be taken for a refused
+        record (careful mode would dead-letter the batch's events).
+        """
         backoff = kafka_io.Backoff(self.backoff_s, self.backoff_max_s)
         careful = False
         while not self.stop.is_set():
-            self.producer.begin_transaction()
             try:
+                self.producer.begin_transaction()
                 if careful:
                     sent = self._each_in_transaction(outs)
                 else:
                     result = self._round(outs, [])
+                    for _, error in result.refused:
+                        _raise_if_transaction_failed(error)
                     sent = not (result.retry or result.pending or result.refused)
                     careful = bool(result.refused)
                 if sent:
                     if offsets:
                         self.producer.send_offsets_to_transaction(offsets, group_metadata())
-                    self.producer.commit_transaction()
+                    self._end_transaction(commit=True)
                     return True
             except KafkaError as exc:
-                if "Fenced" in type(exc).__name__:
-                    raise OutputDeliveryError(f"transactional producer fenced (another worker took over): {exc}") from exc
+                if is_fenced(exc):
+                    raise OutputDeliveryError(f"transactional producer fenced (another worker took over): {exc}; "
+                                              "stopping without committing the batch") from exc
                 log.warning("transaction failed (%s); aborting and retrying", exc)
+            except TransactionTimeoutError:
+                raise  # undecided: an abort now is refused (kafka-python is still committing)
             except OutputDeliveryError:
                 self._abort()
                 raise
@@ -204,6 +237,7 @@ class Deliverer:
             status, error = self._alone(out)
             if status == "refused":
                 assert error is not None
+                _raise_if_transaction_failed(error)
                 self._swap(out, error)
                 return False
             if status == "retry":
@@ -212,9 +246,31 @@ class Deliverer:
 
     def _abort(self) -> None:
         try:
-            self.producer.abort_transaction()
+            self._end_transaction(commit=False)
         except KafkaError as exc:
-            raise OutputDeliveryError(f"cannot abort the transaction: {exc}") from exc
+            what = "transactional producer fenced (another worker took over)" if is_fenced(exc) else \
+                "cannot abort the transaction"
+            raise OutputDeliveryError(f"{what}: {exc}") from exc
+
+    def _end_transaction(self, commit: bool) -> None:
+        """Commit or abort, waiting at most ``flush_timeout_s``. kafka-python 3.0.12's commit_transaction and
+        abort_transaction wait without a deadline (max_block_ms does not apply): with the broker killed during
+        a commit, commit_transaction was still blocked 150 s after the broker was back, and the worker, whose
+        main loop goes on polling (and looking healthy), would never deliver again. Past the deadline the
+        worker stops (`OutputDeliveryError`) with the transaction undecided: its restart (same transactional
+        id) makes the coordinator finish or abort it, and nothing of the batch is committed until then."""
+        manager = getattr(self.producer, "_transaction_manager", None)
+        sender = getattr(self.producer, "_sender", None)
+        begin = getattr(manager, "begin_commit" if commit else "begin_abort", None)
+        if begin is None or sender is None:  # another client (or a test double): its own public call
+            (self.producer.commit_transaction if commit else self.producer.abort_transaction)()
+            return
+        result = begin()
+        sender.wakeup()
+        if not result.wait(timeout_ms=int(self.flush_timeout_s * 1000)):  # raises the transaction's error
+            raise TransactionTimeoutError(f"the transaction's {'commit' if commit else 'abort'} did not finish in "
+                                      f"{self.flush_timeout_s:.0f} s (broker unreachable?); stopping with it "
+                                      "undecided: a restarted worker with the same transactional id resolves it")
 
     def close(self, timeout_s: float) -> None:
         try:

@@ -219,6 +219,15 @@ class UnconfirmedWriteError(KafkaError):
     batch (separate S3 objects), answered the producer's retry that way and four events were lost (found by
     tests/reliability). Re-sending gets new sequence numbers, so the record is written; if it really was
     written before, it is there twice, which at-least-once allows (readers deduplicate by frame_id).
+
+    Kept for Apache Kafka, where it never fires (tests/reliability/test_exactly_once_kafka.py): the broker
+    keeps the metadata of each producer's last 5 batches and answers a retried batch among them with error
+    NONE and the first write's offset (a producer with at most 5 requests in flight never retries an older
+    one); an older sequence is answered OUT_OF_ORDER_SEQUENCE_NUMBER, not DUPLICATE_SEQUENCE_NUMBER, and
+    nothing is appended. So on Apache Kafka an acknowledgement always carries its offset and nothing is
+    re-sent, while on a broker that answers DUPLICATE_SEQUENCE_NUMBER for a write it did not keep (tansu on
+    s3://) the re-send is what saves the record. Under exactly-once the re-send is a retry of the whole
+    transaction (aborted first), so it cannot duplicate anything on either broker.
     """
 
     retriable = True
