@@ -4,8 +4,8 @@
 per node into a temporary folder, starts ``java -cp CLASSPATH kafka.Kafka server.properties`` per node (each in
 its own process group, bound to 127.0.0.1 on free ports), waits until every node is registered with the cluster,
 and on exit, also on error, terminates each node's process group (SIGTERM, then SIGKILL after a timeout). The
-interface follows `consumers.broker.EmbeddedBroker` where it matters: ``.bootstrap``, ``.create_topic(name,
-partitions, replication_factor=...)``, ``.stop()``; ``kill(node)`` / ``start_node(node)`` for fault tests.
+interface follows `consumers.broker.EmbeddedBroker` where it matters: ``.name``, ``.bootstrap``, ``.create_topic(name,
+partitions, replication_factor=...)``, ``.schema_dir`` (None), ``.stop()``; ``kill(node)`` / ``start_node(node)`` for fault tests.
 
 Unlike tansu, this broker isolates transactions (``read_committed`` consumers never see aborted records) and
 replicates partitions (``min.insync.replicas`` with ``acks=all``), which is what the delivery promises need.
@@ -149,6 +149,9 @@ class ApacheKafka:
     factor and min ISR 1; 3 nodes -> replication factor 3, ``min.insync.replicas`` 2 (``min_insync_replicas``
     overrides). ``config`` adds or overrides server properties on every node.
     """
+
+    name = "kafka"  # EmbeddedBroker is "tansu"
+    schema_dir: Path | None = None  # no broker-side schema registry (tansu has one)
 
     def __init__(self, nodes: int = 1, root: Path | None = None, *, heap: str = "512m",
                  min_insync_replicas: int | None = None, config: dict[str, str] | None = None,
