@@ -15,7 +15,13 @@ import time
 import numpy as np
 import pytest
 
-from tests.consumers.kafka_helpers import WorkerThread, assert_commits_covered, events_by_frame, good_frame, wait_for
+from tests.consumers.kafka_helpers import (
+    WorkerThread,
+    assert_commits_covered,
+    events_by_frame,
+    good_frame,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
