@@ -41,16 +41,13 @@ def kafka_broker(tmp_path_factory):
         yield broker
 
 
-# Apache Kafka's defaults refuse the tests' 2 s consumer sessions (group.min.session.timeout.ms is 6 s)
-KAFKA_TEST_CONFIG = {"group.min.session.timeout.ms": "1000"}
-
-
 @pytest.fixture(scope="session")
 def apache_kafka_broker(tmp_path_factory):
     """One single-node Apache Kafka (KRaft, consumers/apache_kafka.py) for the whole session, started on first
     use and stopped at the end. It has no schema registry (``schema_dir`` is None): broker-side refusals by
     schema are tansu-only."""
     from consumers.apache_kafka import ApacheKafka
+    from tests.consumers.kafka_helpers import KAFKA_TEST_CONFIG
 
     root = tmp_path_factory.mktemp("apache-kafka")
     with ApacheKafka(nodes=1, root=root, config=KAFKA_TEST_CONFIG, keep_files=True) as cluster:

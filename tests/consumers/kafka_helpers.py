@@ -28,6 +28,8 @@ except ImportError:  # pragma: no cover - the synthetic-data module is optional
     make_object_image = None
 
 FAST_GROUP = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 500}
+# Apache Kafka's defaults refuse FAST_GROUP's 2 s consumer sessions (group.min.session.timeout.ms is 6 s)
+KAFKA_TEST_CONFIG = {"group.min.session.timeout.ms": "1000"}
 
 
 def image(rng: np.random.Generator, size: tuple[int, int] = (64, 80)) -> np.ndarray:
