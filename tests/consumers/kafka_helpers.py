@@ -7,9 +7,11 @@ broker-parametrised `broker` (tansu and Apache Kafka), instead of importing them
 from __future__ import annotations
 
 import json
+import struct
 import threading
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +46,17 @@ def encode(picture: np.ndarray, ext: str = ".png") -> bytes:
     ok, buf = cv2.imencode(ext, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
     assert ok
     return buf.tobytes()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header declares width x height (decompression bomb shape)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 4096)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
 
 
 @dataclass

@@ -10,9 +10,7 @@ frame_id; committed offsets are checked against acknowledged output.
 from __future__ import annotations
 
 import json
-import struct
 import time
-import zlib
 from pathlib import Path
 
 import jsonschema
@@ -39,6 +37,7 @@ from tests.consumers.kafka_helpers import (
     good_frame,
     image,
     new_topics,
+    png_claiming,
     publish,
     read_all,
     reject_schema,
@@ -48,17 +47,6 @@ from tests.consumers.kafka_helpers import (
 
 pytestmark = pytest.mark.kafka
 EVENT_SCHEMA = json.loads((Path(c.__file__).parent / "schemas" / "event.schema.json").read_text())
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A small PNG whose header declares width x height (decompression bomb shape)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 4096)
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
 
 
 def poison_frames(rng: np.random.Generator) -> dict[str, Frame]:
