@@ -252,7 +252,7 @@ def stream_through(cluster: ApacheKafka, make_worker, seed: int, name: str,
               "lost": len(good - set(by_event)) + len(poison - set(by_letter))}
     print(f"\n| {name} | {counts['in']} | {counts['events']} | {counts['dead letters']} | {counts['duplicates']} | "
           f"{counts['lost']} |  (busiest partition {BUSY}: {sum(s.partition == BUSY for s in sent)} frames; "
-          f"worker rebalances {len(worker.rebalance_log)})")
+          f"worker rebalance callbacks {len(worker.rebalance_log)})")
     assert counts["lost"] == 0
     assert counts["events"] + counts["dead letters"] == counts["in"] + duplicates
     return counts
