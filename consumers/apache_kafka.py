@@ -254,6 +254,14 @@ class ApacheKafka:
             with self.admin() as admin:
                 admin.create_topics([topic], timeout_ms=int(timeout_s * 1000))
                 admin.wait_for_topics([name], timeout_ms=int(timeout_s * 1000))
+                # and until the metadata lists every partition with a leader: a consumer that joins its group
+                # while they are missing is assigned nothing (range assignor) until its next metadata refresh
+                deadline = time.monotonic() + timeout_s
+                while not _has_leaders(admin, name, partitions):
+                    if time.monotonic() > deadline:
+                        raise KafkaLauncherError(f"topic {name}: not every partition has a leader after "
+                                                 f"{timeout_s:.0f} s")
+                    time.sleep(0.05)
         except KafkaError as exc:
             raise KafkaLauncherError(f"creating topic {name} ({partitions} partitions, replication factor {rf}) "
                                      f"failed: {exc!r}") from exc
@@ -442,6 +450,17 @@ class ApacheKafka:
         if node._out is not None:
             node._out.close()
             node._out = None
+
+
+def _has_leaders(admin, topic: str, partitions: int) -> bool:
+    from kafka.errors import KafkaError
+
+    try:
+        (described,) = admin.describe_topics([topic])
+    except KafkaError:
+        return False
+    found = described.get("partitions") or []
+    return len(found) == partitions and all(p.get("leader_id", -1) >= 0 for p in found)
 
 
 def _signal_group(node: KafkaNode, sig: int) -> None:
