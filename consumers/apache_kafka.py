@@ -4,8 +4,8 @@
 per node into a temporary folder, starts ``java -cp CLASSPATH kafka.Kafka server.properties`` per node (each in
 its own process group, bound to 127.0.0.1 on free ports), waits until every node is registered with the cluster,
 and on exit, also on error, terminates each node's process group (SIGTERM, then SIGKILL after a timeout). The
-interface follows `consumers.broker.EmbeddedBroker` where it matters: ``.bootstrap``, ``.create_topic(name,
-partitions, replication_factor=...)``, ``.stop()``; ``kill(node)`` / ``start_node(node)`` for fault tests.
+interface follows `consumers.broker.EmbeddedBroker` where it matters: ``.name``, ``.bootstrap``, ``.create_topic(name,
+partitions, replication_factor=...)``, ``.schema_dir`` (None), ``.stop()``; ``kill(node)`` / ``start_node(node)`` for fault tests.
 
 Unlike tansu, this broker isolates transactions (``read_committed`` consumers never see aborted records) and
 replicates partitions (``min.insync.replicas`` with ``acks=all``), which is what the delivery promises need.
@@ -156,6 +156,9 @@ class ApacheKafka:
     (`bootstrap_for`); their TLS / SASL properties go in ``config`` (``listener.name.mtls.ssl.client.auth``...).
     """
 
+    name = "kafka"  # EmbeddedBroker is "tansu"
+    schema_dir: Path | None = None  # no broker-side schema registry (tansu has one)
+
     def __init__(self, nodes: int = 1, root: Path | None = None, *, heap: str = "512m",
                  min_insync_replicas: int | None = None, config: dict[str, str] | None = None,
                  classpath_file: Path | None = None, start_timeout_s: float = 60.0, stop_timeout_s: float = 15.0,
@@ -266,6 +269,14 @@ class ApacheKafka:
             with self.admin() as admin:
                 admin.create_topics([topic], timeout_ms=int(timeout_s * 1000))
                 admin.wait_for_topics([name], timeout_ms=int(timeout_s * 1000))
+                # and until the metadata lists every partition with a leader: a consumer that joins its group
+                # while they are missing is assigned nothing (range assignor) until its next metadata refresh
+                deadline = time.monotonic() + timeout_s
+                while not _has_leaders(admin, name, partitions):
+                    if time.monotonic() > deadline:
+                        raise KafkaLauncherError(f"topic {name}: not every partition has a leader after "
+                                                 f"{timeout_s:.0f} s")
+                    time.sleep(0.05)
         except KafkaError as exc:
             raise KafkaLauncherError(f"creating topic {name} ({partitions} partitions, replication factor {rf}) "
                                      f"failed: {exc!r}") from exc
@@ -457,6 +468,17 @@ class ApacheKafka:
         if node._out is not None:
             node._out.close()
             node._out = None
+
+
+def _has_leaders(admin, topic: str, partitions: int) -> bool:
+    from kafka.errors import KafkaError
+
+    try:
+        (described,) = admin.describe_topics([topic])
+    except KafkaError:
+        return False
+    found = described.get("partitions") or []
+    return len(found) == partitions and all(p.get("leader_id", -1) >= 0 for p in found)
 
 
 def _signal_group(node: KafkaNode, sig: int) -> None:

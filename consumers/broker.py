@@ -48,6 +48,8 @@ def broker_binary() -> str:
 class EmbeddedBroker:
     """A tansu broker process on 127.0.0.1; a context manager that always stops it."""
 
+    name = "tansu"  # what the broker-parametrised tests call it (`consumers.apache_kafka.ApacheKafka` is "kafka")
+
     def __init__(self, port: int | None = None, storage: str = "memory://tansu/", schema_dir: Path | None = None,
                  log_path: Path | None = None, env: dict[str, str] | None = None, start_timeout_s: float = 15.0):
         self.host = "127.0.0.1"

@@ -31,13 +31,48 @@ def kafka_broker(tmp_path_factory):
 
     Tests create their own uuid-named topics and groups. ``kafka_broker.schema_dir`` is tansu's JSON schema
     registry: a ``<topic>.json`` schema written there makes the broker refuse records of that topic that do
-    not match it (used to provoke real broker-side errors).
+    not match it (used to provoke real broker-side errors). Tests that use this fixture run on tansu only;
+    the broker-parametrised ones use `broker` (or `kafka`).
     """
     from consumers.broker import EmbeddedBroker
 
     root = tmp_path_factory.mktemp("tansu")
     with EmbeddedBroker(schema_dir=root / "schemas", log_path=root / "tansu.log") as broker:
         yield broker
+
+
+@pytest.fixture(scope="session")
+def apache_kafka_broker(tmp_path_factory):
+    """One single-node Apache Kafka (KRaft, consumers/apache_kafka.py) for the whole session, started on first
+    use and stopped at the end. It has no schema registry (``schema_dir`` is None): broker-side refusals by
+    schema are tansu-only."""
+    from consumers.apache_kafka import ApacheKafka
+    from tests.consumers.kafka_helpers import KAFKA_TEST_CONFIG
+
+    root = tmp_path_factory.mktemp("apache-kafka")
+    with ApacheKafka(nodes=1, root=root, config=KAFKA_TEST_CONFIG, keep_files=True) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session", params=["tansu", pytest.param("kafka", marks=pytest.mark.apache_kafka)])
+def broker(request):
+    """The broker-parametrised suites: each test that takes it runs on tansu and on Apache Kafka (1 node).
+
+    Both brokers are session-scoped (each started once, stopped at the end) and give what the helpers use:
+    ``.name``, ``.bootstrap``, ``.create_topic(name, partitions)``, ``.schema_dir`` (tansu's registry; None
+    on Kafka). Tests that only make sense on one broker take `kafka_broker` and say so in their name.
+    """
+    return request.getfixturevalue("kafka_broker" if request.param == "tansu" else "apache_kafka_broker")
+
+
+@pytest.fixture
+def kafka(broker):
+    """The shared Kafka helpers bound to `broker` (tests.consumers.kafka_helpers.KafkaTools): ``kafka.new_topics()``,
+    ``kafka.publish(topic, frames)``, ``kafka.read_all(topic, ...)``, ``kafka.settings(topics, ...)``,
+    ``kafka.committed_offsets(group, topic)``; ``kafka.broker`` is the broker itself."""
+    from tests.consumers.kafka_helpers import KafkaTools
+
+    return KafkaTools(broker)
 
 
 @pytest.fixture

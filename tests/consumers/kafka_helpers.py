@@ -1,11 +1,17 @@
-"""Helpers for the consumers tests: images, uuid-named topics, publishing frames, reading outputs, offsets."""
+"""Helpers for the consumers tests: images, uuid-named topics, publishing frames, reading outputs, offsets.
+
+Tests get the broker-bound ones through the ``kafka`` fixture (tests/conftest.py), a `KafkaTools` on the
+broker-parametrised `broker` (tansu and Apache Kafka), instead of importing them across test modules.
+"""
 
 from __future__ import annotations
 
 import json
+import struct
 import threading
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +30,8 @@ except ImportError:  # pragma: no cover - the synthetic-data module is optional
     make_object_image = None
 
 FAST_GROUP = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 500}
+# Apache Kafka's defaults refuse FAST_GROUP's 2 s consumer sessions (group.min.session.timeout.ms is 6 s)
+KAFKA_TEST_CONFIG = {"group.min.session.timeout.ms": "1000"}
 
 
 def image(rng: np.random.Generator, size: tuple[int, int] = (64, 80)) -> np.ndarray:
@@ -38,6 +46,17 @@ def encode(picture: np.ndarray, ext: str = ".png") -> bytes:
     ok, buf = cv2.imencode(ext, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
     assert ok
     return buf.tobytes()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header declares width x height (decompression bomb shape)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 4096)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
 
 
 @dataclass
@@ -208,3 +227,54 @@ def wait_for(condition, timeout: float = 30.0, interval: float = 0.05, what: str
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def reject_schema(broker: EmbeddedBroker, topic: str, category: str | None) -> None:
+    """tansu refuses records of ``topic`` whose JSON value has this category (None: every non-JSON value)."""
+    if broker.schema_dir is None:
+        raise AssertionError(f"{broker.name} has no schema registry: a test that needs one is tansu-only")
+    value = {"type": "object"} if category is None else {"properties": {"category": {"not": {"const": category}}}}
+    document = {"type": "object", "properties": {"value": value}}
+    (broker.schema_dir / f"{topic}.json").write_text(json.dumps(document))
+
+
+class KafkaTools:
+    """The helpers above bound to one broker (the ``kafka`` fixture); ``broker.name`` is "tansu" or "kafka"."""
+
+    def __init__(self, broker) -> None:
+        self.broker = broker
+
+    @property
+    def name(self) -> str:
+        return self.broker.name
+
+    @property
+    def bootstrap(self) -> str:
+        return self.broker.bootstrap
+
+    @property
+    def has_schema_registry(self) -> bool:
+        """Only tansu refuses records by schema (`reject_schema`)."""
+        return self.broker.schema_dir is not None
+
+    def create_topic(self, name: str, partitions: int = 3) -> None:
+        self.broker.create_topic(name, partitions)
+
+    def new_topics(self, partitions: int = 3, prefix: str = "t") -> Topics:
+        return new_topics(self.broker, partitions, prefix)
+
+    def settings(self, topics: Topics, **overrides: Any) -> WorkerSettings:
+        return settings(self.broker, topics, **overrides)
+
+    def publish(self, topic: str, frames: list[Frame]) -> list[Sent]:
+        return publish(self.broker, topic, frames)
+
+    def read_all(self, topic: str, expected: int | None = None, timeout: float = 30.0, idle: float = 1.0,
+                 isolation_level: str = "read_uncommitted") -> list:
+        return read_all(self.broker, topic, expected, timeout, idle, isolation_level)
+
+    def committed_offsets(self, group: str, topic: str) -> dict[int, int | None]:
+        return committed_offsets(self.broker, group, topic)
+
+    def reject_schema(self, topic: str, category: str | None) -> None:
+        reject_schema(self.broker, topic, category)

@@ -43,6 +43,6 @@ def test_failed_start_leaves_nothing(tmp_path):
     assert broker.process is None
 
 
-def test_session_broker_has_a_schema_registry(kafka_broker):
+def test_session_broker_has_a_schema_registry_tansu_only(kafka_broker):
     assert kafka_broker.schema_dir is not None and kafka_broker.schema_dir.is_dir()
     kafka_broker.create_topic(f"x-{uuid.uuid4().hex[:8]}", 2)

@@ -88,8 +88,8 @@ def outputs(broker, topics) -> tuple[dict[str, list[dict]], dict[str, list[str]]
 
 
 @pytest.mark.parametrize("how", ["stop", "crash-mid-produce"])
-def test_broker_stopped_and_restarted_mid_stream_loses_nothing(s3_broker, make_worker, tiny_backbone, caplog,
-                                                                monkeypatch, how):
+def test_broker_stopped_and_restarted_mid_stream_loses_nothing_tansu_only(s3_broker, make_worker, tiny_backbone,
+                                                                           caplog, monkeypatch, how):
     """Invariant: every input frame ends as exactly one event or one dead letter; the only duplicates are
     frames at or after the committed offset at the moment the broker died (at-least-once, by frame_id);
     committed offsets never pass unacknowledged output, neither right after the restart nor at the end."""

@@ -33,10 +33,6 @@ from tests.consumers.kafka_helpers import (
     events_by_frame,
     good_frame,
     image,
-    new_topics,
-    publish,
-    read_all,
-    settings,
     wait_for,
 )
 from tuner import app as tuner_app
@@ -139,15 +135,15 @@ def test_unwritable_reservoir_fails_at_start_and_write_errors_mid_run_are_counte
 
 
 @pytest.mark.kafka
-def test_closed_loop_scorer_samples_normals_tuner_publishes_scorer_swaps(kafka_broker, tiny_backbone, tmp_path):
+def test_closed_loop_scorer_samples_normals_tuner_publishes_scorer_swaps(kafka, tiny_backbone, tmp_path):
     """Invariants: normals sampled by a live scorer reach the reservoir; the tuner publishes one complete
     version; the running scorer swaps to it between batches and no frame is lost."""
-    topics = new_topics(kafka_broker, partitions=1, prefix="loop")
+    topics = kafka.new_topics(partitions=1, prefix="loop")
     normals_topic, prompts_topic = f"{topics.frames}.normals", f"{topics.frames}.prompts"
-    kafka_broker.create_topic(normals_topic, 1)
-    kafka_broker.create_topic(prompts_topic, 1)
-    ws = settings(kafka_broker, topics, categories=["widget"], prompts_topic=prompts_topic,
-                  normals_topic=normals_topic, normals_margin=0.0, normals_per_minute=600)
+    kafka.create_topic(normals_topic, 1)
+    kafka.create_topic(prompts_topic, 1)
+    ws = kafka.settings(topics, categories=["widget"], prompts_topic=prompts_topic,
+                        normals_topic=normals_topic, normals_margin=0.0, normals_per_minute=600)
     scorer = Scorer(tiny_backbone, config=ScorerConfig(max_batch=4))
     metrics = WorkerMetrics()
     provider = build_provider(ws, scorer, metrics)
@@ -157,24 +153,24 @@ def test_closed_loop_scorer_samples_normals_tuner_publishes_scorer_swaps(kafka_b
     provider._snapshot = type(provider.snapshot())({"widget": __import__("dataclasses").replace(zero_shot,
                                                                                                   threshold=2.0)})
     worker_thread = WorkerThread(worker, {"timeout": 180}).start()
-    ts = tuner_settings(tmp_path, bootstrap_servers=kafka_broker.bootstrap, normals_topic=normals_topic,
+    ts = tuner_settings(tmp_path, bootstrap_servers=kafka.bootstrap, normals_topic=normals_topic,
                         prompts_topic=prompts_topic, group_id=f"tuner-{uuid.uuid4().hex[:6]}")
     tuner = tuner_app.build_tuner(ts)
     tuner_thread = threading.Thread(target=tuner.run, kwargs={"max_runs": 1, "timeout": 150,
                                                               "install_signals": False})
     tuner_thread.start()
     rng = np.random.default_rng(2)
-    first = publish(kafka_broker, topics.frames, [good_frame(rng, "widget") for _ in range(12)])
+    first = kafka.publish(topics.frames, [good_frame(rng, "widget") for _ in range(12)])
     wait_for(lambda: provider.snapshot().version("widget") == 1, timeout=150, what="tuned version swapped in")
     tuner_thread.join(timeout=60)
     assert not tuner_thread.is_alive()
     assert [r.outcome for r in tuner.reports] == ["published"]
     assert tuner.reservoir.size("widget", "recent") >= 6
     assert metrics.normals_published.labels(category="widget")._value.get() >= 6
-    later = publish(kafka_broker, topics.frames, [good_frame(rng, "widget") for _ in range(4)])
+    later = kafka.publish(topics.frames, [good_frame(rng, "widget") for _ in range(4)])
     wait_for(lambda: worker.pipeline.completed >= 16, timeout=60, what="16 frames done")
     assert worker_thread.stop().exit_code == 0
-    events = events_by_frame(read_all(kafka_broker, topics.events, expected=16))
+    events = events_by_frame(kafka.read_all(topics.events, expected=16))
     assert set(events) == {f.frame_id for f in first + later}
     assert {events[f.frame_id][0]["prompt_version"] for f in later} == {1}
     rows = [parse_record(r) for r in read_topic(KafkaConsumer(**prompts_consumer_kwargs(ts)), prompts_topic)]
@@ -235,15 +231,15 @@ def spawn_tuner(broker, ts: TunerSettings, tmp_path, name: str, epochs: int, max
     return subprocess.Popen(args, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT), log
 
 
-def start_long_run(kafka_broker, tmp_path, prefix: str, name: str):
+def start_long_run(broker, tmp_path, prefix: str, name: str):
     """Fresh topics, a filled reservoir, and `hpad tune` as a process inside a 500-epoch run of widget."""
     prompts_topic = f"{prefix}-prompts-{uuid.uuid4().hex[:6]}"
-    kafka_broker.create_topic(prompts_topic, 1)
-    kafka_broker.create_topic(f"{prompts_topic}.normals", 1)
-    ts = tuner_settings(tmp_path, bootstrap_servers=kafka_broker.bootstrap, prompts_topic=prompts_topic,
+    broker.create_topic(prompts_topic, 1)
+    broker.create_topic(f"{prompts_topic}.normals", 1)
+    ts = tuner_settings(tmp_path, bootstrap_servers=broker.bootstrap, prompts_topic=prompts_topic,
                         normals_topic=f"{prompts_topic}.normals", group_id=f"g-{uuid.uuid4().hex[:6]}")
     fill_reservoir(ts.reservoir_dir, 8)
-    process, log = spawn_tuner(kafka_broker, ts, tmp_path, name, epochs=500)
+    process, log = spawn_tuner(broker, ts, tmp_path, name, epochs=500)
     log_path = tmp_path / f"{name}.log"
     try:
         wait_for(lambda: b"tuning run for widget starts" in log_path.read_bytes(), timeout=90, what="run started")
@@ -256,10 +252,10 @@ def start_long_run(kafka_broker, tmp_path, prefix: str, name: str):
 
 @pytest.mark.kafka
 @pytest.mark.slow
-def test_tuner_killed_mid_run_publishes_nothing_and_resumes(kafka_broker, tmp_path):
+def test_tuner_killed_mid_run_publishes_nothing_and_resumes(broker, tmp_path):
     """Invariant: a run interrupted by SIGKILL leaves no record on the prompts topic (a version is one
     acknowledged record or nothing) and no schedule update; the restarted tuner runs it again and publishes."""
-    ts, process, log, _ = start_long_run(kafka_broker, tmp_path, "kill", "first")
+    ts, process, log, _ = start_long_run(broker, tmp_path, "kill", "first")
     try:
         time.sleep(2.0)  # well inside the 500-epoch run
         assert process.poll() is None
@@ -271,7 +267,7 @@ def test_tuner_killed_mid_run_publishes_nothing_and_resumes(kafka_broker, tmp_pa
         log.close()
     assert read_topic(KafkaConsumer(**prompts_consumer_kwargs(ts)), ts.prompts_topic) == []
     assert not (ts.reservoir_dir / "tuner-state.json").exists()
-    process, log = spawn_tuner(kafka_broker, ts, tmp_path, "second", epochs=2, max_runs=1)
+    process, log = spawn_tuner(broker, ts, tmp_path, "second", epochs=2, max_runs=1)
     try:
         assert process.wait(timeout=180) == 0, (tmp_path / "second.log").read_text()[-3000:]
     finally:

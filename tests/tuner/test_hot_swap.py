@@ -1,4 +1,4 @@
-"""Prompt hot-swap in running scorers, on the real embedded broker.
+"""Prompt hot-swap in running scorers, on the real brokers (the swap tests on tansu and Apache Kafka, 1 node).
 
 Invariants: every frame ends as an event (none lost); each event's prompt_version is the old or the new one;
 per partition (in offset order) the version switches once and never goes back; no batch mixes versions;
@@ -36,8 +36,6 @@ from tests.consumers.kafka_helpers import (
     events_by_frame,
     good_frame,
     new_topics,
-    publish,
-    read_all,
     settings,
     wait_for,
 )
@@ -65,11 +63,11 @@ def make_registry(broker, s, topic: str, scorer: Scorer) -> PromptRegistry:
 
 
 @pytest.fixture
-def swap_setup(kafka_broker, tiny_backbone):
-    topics = new_topics(kafka_broker, partitions=3, prefix="swap")
+def swap_setup(kafka, tiny_backbone):
+    topics = kafka.new_topics(partitions=3, prefix="swap")
     prompts_topic = f"{topics.frames}.prompts"
-    kafka_broker.create_topic(prompts_topic, 1)
-    s = settings(kafka_broker, topics, categories=["widget"], max_batch_size=4, prompts_topic=prompts_topic,
+    kafka.create_topic(prompts_topic, 1)
+    s = kafka.settings(topics, categories=["widget"], max_batch_size=4, prompts_topic=prompts_topic,
                  normals_topic=None)
     scorer = Scorer(tiny_backbone, config=ScorerConfig(max_batch=4))
     return topics, prompts_topic, s, scorer
@@ -102,9 +100,9 @@ def check_switch(events: list[dict], old: int, new: int) -> None:
     assert not mixed, f"batches scored with two versions: {mixed}"
 
 
-def test_swap_while_streaming_loses_nothing_and_switches_once(kafka_broker, swap_setup):
+def test_swap_while_streaming_loses_nothing_and_switches_once(kafka, swap_setup):
     topics, prompts_topic, s, scorer = swap_setup
-    registry = make_registry(kafka_broker, s, prompts_topic, scorer)
+    registry = make_registry(kafka.broker, s, prompts_topic, scorer)
     registry.publish(learned_artifact(scorer, "widget", 1))  # version 1 exists before the worker starts
     worker, thread, provider = start_worker(s, scorer, timeout=150)
     assert provider.snapshot().version("widget") == 1  # read from the beginning before consuming
@@ -115,7 +113,7 @@ def test_swap_while_streaming_loses_nothing_and_switches_once(kafka_broker, swap
         i = 0
         while not stop.is_set():
             frames = [good_frame(rng, "widget", camera=f"cam-{(i + j) % 6}") for j in range(4)]
-            sent.extend(publish(kafka_broker, topics.frames, frames))
+            sent.extend(kafka.publish(topics.frames, frames))
             i += 4
             time.sleep(0.05)
 
@@ -134,7 +132,7 @@ def test_swap_while_streaming_loses_nothing_and_switches_once(kafka_broker, swap
     total = len(sent)
     wait_for(lambda: worker.pipeline.completed >= total, timeout=90, what=f"{total} frames done")
     assert thread.stop().exit_code == 0
-    events = [e for v in events_by_frame(read_all(kafka_broker, topics.events, expected=total)).values() for e in v]
+    events = [e for v in events_by_frame(kafka.read_all(topics.events, expected=total)).values() for e in v]
     assert {e["frame_id"] for e in events} == {f.frame_id for f in sent}  # nothing lost
     assert {e["prompt_version"] for e in events} == {1, 2}
     assert {e["prompt_sha256"] for e in events if e["prompt_version"] == 2} == {v2.sha256}
@@ -152,9 +150,9 @@ def _tampered(data: bytes) -> bytes:
     return bytes(raw)
 
 
-def test_bad_versions_are_refused_and_the_current_one_keeps_scoring(kafka_broker, swap_setup, caplog):
+def test_bad_versions_are_refused_and_the_current_one_keeps_scoring(kafka, swap_setup, caplog):
     topics, prompts_topic, s, scorer = swap_setup
-    registry = make_registry(kafka_broker, s, prompts_topic, scorer)
+    registry = make_registry(kafka.broker, s, prompts_topic, scorer)
     v1 = registry.publish(learned_artifact(scorer, "widget", 1))
     worker, thread, provider = start_worker(s, scorer, timeout=90)
     from hpad.artifact import with_version
@@ -172,7 +170,7 @@ def test_bad_versions_are_refused_and_the_current_one_keeps_scoring(kafka_broker
         (b"widget", wrong_category, "invalid"),  # key says widget, manifest says gadget
         (b"widget", with_version(v1, 1), "not_newer"),
     ]
-    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap)
+    producer = KafkaProducer(bootstrap_servers=kafka.bootstrap)
     for key, value, _ in bad:  # headers only where the value parses (a record may come without them)
         try:
             headers = record_headers(read_artifact(value))
@@ -189,9 +187,9 @@ def test_bad_versions_are_refused_and_the_current_one_keeps_scoring(kafka_broker
         assert worker.metrics.prompt_rejected.labels(reason=reason)._value.get() == expected
     # the current version keeps scoring
     rng = np.random.default_rng(1)
-    sent = publish(kafka_broker, topics.frames, [good_frame(rng, "widget") for _ in range(6)])
+    sent = kafka.publish(topics.frames, [good_frame(rng, "widget") for _ in range(6)])
     wait_for(lambda: worker.pipeline is not None and worker.pipeline.completed >= 6, timeout=30, what="6 frames")
-    events = [e for v in events_by_frame(read_all(kafka_broker, topics.events, expected=6)).values() for e in v]
+    events = [e for v in events_by_frame(kafka.read_all(topics.events, expected=6)).values() for e in v]
     assert {e["frame_id"] for e in events} == {f.frame_id for f in sent}
     assert {(e["prompt_version"], e["prompt_sha256"]) for e in events} == {(1, v1.sha256)}
     # a rollback (old content as a new, higher version) is picked up by the running scorer
@@ -204,9 +202,9 @@ def test_bad_versions_are_refused_and_the_current_one_keeps_scoring(kafka_broker
     assert provider.snapshot()["widget"].sha256 == back.sha256
     assert torch.allclose(provider.snapshot()["widget"].text_features.float().cpu(),
                           v1.prompts.text_features.float())
-    sent = publish(kafka_broker, topics.frames, [good_frame(rng, "widget") for _ in range(4)])
+    sent = kafka.publish(topics.frames, [good_frame(rng, "widget") for _ in range(4)])
     wait_for(lambda: worker.pipeline.completed >= 10, timeout=30, what="4 more frames")
-    events = [e for v in events_by_frame(read_all(kafka_broker, topics.events, expected=10)).values() for e in v]
+    events = [e for v in events_by_frame(kafka.read_all(topics.events, expected=10)).values() for e in v]
     assert {e["prompt_version"] for e in events if e["frame_id"] in {f.frame_id for f in sent}} == {7}
     assert provider.swaps == [("widget", 6), ("widget", 7)]
     assert thread.stop().exit_code == 0
