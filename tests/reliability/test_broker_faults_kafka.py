@@ -196,6 +196,28 @@ def letter_ids(letters: list) -> dict[str, list]:
     return records_by_frame(letters)
 
 
+def joined_worker(make_worker, settings) -> tuple[object, WorkerThread]:
+    """A worker thread that owns partitions. kafka-python 3.0.12 now and then leads the first JoinGroup on a
+    fresh topic without its metadata ("No partition metadata for topic", ``assigned []``) and does not rejoin
+    when the metadata arrives (an open worker issue, see tests/reliability/test_exactly_once_kafka.py); such a
+    worker is stopped and started again, once, before any frame is sent, so the fault under test starts from
+    a scoring worker. Said on stdout when it happens."""
+    for attempt in range(2):
+        worker = make_worker(settings)
+        thread = WorkerThread(worker).start()
+        try:
+            wait_for(lambda w=worker: any(kind == "assigned" and tps for kind, tps in w.rebalance_log),
+                     timeout=20, what="the worker's first partitions")
+            return worker, thread
+        except AssertionError:
+            if attempt == 1:
+                raise
+            print("worker joined without partitions (kafka-python race); restarting it once")
+            worker.request_stop()
+            thread.join()
+    raise AssertionError("unreachable")
+
+
 def stream_through(cluster: ApacheKafka, make_worker, seed: int, name: str,
                    fault: Callable[[ApacheKafka, Topics], None]) -> dict[str, int]:
     """A worker scores a stream while ``fault`` runs; then checks and returns the counts."""
@@ -204,8 +226,8 @@ def stream_through(cluster: ApacheKafka, make_worker, seed: int, name: str,
     for topic in (topics.frames, topics.events, topics.dlq):
         state = partition_state(cluster, topic)
         assert all(len(isr) == 3 for _, isr in state.values()), (topic, state)
-    worker = make_worker(kafka.settings(topics, categories=["widget"], max_batch_size=4))
-    thread = WorkerThread(worker).start()
+    settings = kafka.settings(topics, categories=["widget"], max_batch_size=4)
+    worker, thread = joined_worker(make_worker, settings)
     commits = CommitLog(cluster, topics).start()
     camera = Camera(cluster, topics.frames, seed).start()
     try:
