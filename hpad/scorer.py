@@ -351,12 +351,6 @@ class Scorer:
         maps = patch_maps(patch_score, self.backbone.grid_size, self.backbone.image_size, self.config.sigma)
         return ScoreTensors(pred_score=image_score.clamp(0.0, 1.0), maps=maps)
 
-    @torch.inference_mode()
-    def mask_tensors(self, maps: torch.Tensor, size: tuple[int, int], threshold: float
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Model-size maps [B, S, S] -> packed binary masks at ``size`` and their pixel counts, on the device."""
-        return pack_mask_bits(maps, size, threshold)
-
     def score_tokens(
         self, tokens: ImageTokens, frame_sizes: Sequence[tuple[int, int]], prompts: PromptSet
     ) -> ScoreResult:

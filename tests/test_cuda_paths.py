@@ -16,7 +16,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from hpad.mpts import TrainConfig, apply_guided_step, build_pool, meta_text_features, step_losses
 from hpad.oagm import OAGMConfig, ObjectRegion, feature_saliency_tensor
 from hpad.prompts import PromptLearner
-from hpad.scorer import Scorer, memory_distance
+from hpad.scorer import Scorer, memory_distance, pack_mask_bits
 from tests.fake_cuda import CudaKernelError, fake_cuda, fake_module, is_fake_cuda
 
 
@@ -87,7 +87,7 @@ def test_memory_and_masks_on_cuda(fake, fake_scorer):
     prompts = fake_scorer.check_prompts(fake_scorer.prompts.with_memory(memory.cpu()))
     assert is_fake_cuda(prompts.memory)
     scores = fake_scorer.score_tensors(encoded, prompts)
-    bits, counts = fake_scorer.mask_tensors(scores.maps, (90, 130), 0.5)
+    bits, counts = pack_mask_bits(scores.maps, (90, 130), 0.5)  # what ScoredBatch.masks runs
     assert is_fake_cuda(bits) and bits.dtype == torch.uint8 and tuple(bits.shape) == (2, 90, 17)
     assert is_fake_cuda(counts)
     assert fake.guard.syncs == 0
