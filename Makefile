@@ -12,8 +12,12 @@ BROKER ?= tansu
 # Apache Kafka's runtime classpath, resolved by Maven from deploy/kafka/pom.xml (jars stay in Maven's cache)
 KAFKA_POM := deploy/kafka/pom.xml
 KAFKA_CP := build/kafka/classpath.txt
+# Debian packages the tests drive for real, as command:package (checked on PATH; installed by `make system-tools`
+# with apt-get when run as root, else `make test` stops naming them)
+DEB_TOOLS := ffmpeg:ffmpeg rtsp-server-perl:rtsp-server-perl prometheus-alertmanager:prometheus-alertmanager \
+  prometheus:prometheus chromium:chromium
 
-.PHONY: venv test demo kafka-classpath lint bench-scorer bench-train bench-stream bench-swap bench-soak bench-host deploy-check clean
+.PHONY: venv test demo system-tools kafka-classpath lint bench-scorer bench-train bench-stream bench-swap bench-soak bench-host deploy-check clean
 
 venv: $(STAMP) $(PROMTOOL)
 
@@ -25,7 +29,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-test: $(STAMP) $(PROMTOOL) $(KAFKA_CP)
+test: $(STAMP) $(PROMTOOL) $(KAFKA_CP) system-tools
 	$(PY) -m ruff check hpad consumers tuner tests benchmarks deploy
 	# pytest exit 5 ("no tests collected") counts as a failure
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
@@ -64,6 +68,15 @@ $(PROMTOOL): | $(STAMP)
 	    dpkg -x prometheus_*.deb root && install -m 755 root/usr/bin/promtool "$$dest" ); rc=$$?; rm -rf "$$tmp"; \
 	  [ $$rc -eq 0 ] || { echo "could not get promtool from Debian's prometheus package" >&2; exit 1; }; fi
 	@$@ --version >/dev/null
+
+# the real programs of the test suite (video streams, Alertmanager, Prometheus, a browser), from Debian's packages
+system-tools:
+	@missing=""; for pair in $(DEB_TOOLS); do command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then echo "make test needs Debian packages:$$missing (apt-get install -y$$missing)" >&2; exit 1; fi; \
+	echo "installing Debian packages:$$missing"; \
+	{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; } \
+	  || { echo "apt-get could not install:$$missing" >&2; exit 1; }
 
 # Apache Kafka for tests and `make demo BROKER=kafka`: the classpath file is the stamp (rebuilt when the pom changes)
 kafka-classpath: $(KAFKA_CP)
