@@ -47,12 +47,13 @@ LIBRARY_COMMANDS: dict[str, Command] = {
 def service_commands() -> dict[str, Command]:
     """The installed service commands: entry points of the group ``hpad.commands`` (none without the services).
 
-    Run from a source checkout that is not installed (``PYTHONPATH=.``, as on a GPU machine that gets the tree
-    copied), there is no installed metadata: the same table is then read from the checkout's pyproject.toml.
+    Run from a source checkout (``PYTHONPATH=.``, as on a GPU machine that gets the tree copied, or a git
+    worktree beside an older install), the checkout's pyproject.toml table is read too and wins: the commands
+    are those of the code being run, not of whatever was installed last.
     """
     found = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
-    if not found and SOURCE_TREE is not None:
-        found = source_tree_commands(SOURCE_TREE)
+    if SOURCE_TREE is not None:
+        found.update(source_tree_commands(SOURCE_TREE))
     return {name: Command(target, f"service command ({target})") for name, target in found.items()
             if name not in LIBRARY_COMMANDS}
 

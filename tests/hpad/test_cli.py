@@ -46,6 +46,7 @@ def test_service_commands_are_discovered_from_entry_points(monkeypatch, capsys):
         return [_EntryPoint("serve", "tests.hpad.test_cli:_fake_serve"), _EntryPoint("score", "elsewhere:main")]
 
     monkeypatch.setattr(cli, "entry_points", fake_entry_points)
+    monkeypatch.setattr(cli, "SOURCE_TREE", None)  # an installed hpad, not a checkout
     assert set(cli.service_commands()) == {"serve"}  # a library command cannot be replaced
     assert groups == ["hpad.commands"]
     assert main(["serve", "--flag"]) == 7
@@ -64,6 +65,12 @@ def test_an_uninstalled_checkout_reads_the_table_from_its_pyproject(monkeypatch,
     declared = tomllib.loads((cli.SOURCE_TREE / "pyproject.toml").read_text())["project"]["entry-points"]
     assert {n: c.target for n, c in cli.service_commands().items()} == declared["hpad.commands"]
     assert cli.service_commands()["serve"].target == "consumers.app:main"
+    # a checkout beside an older install (a git worktree): the checkout's table wins and adds its new commands
+    monkeypatch.setattr(cli, "entry_points", lambda group: [_EntryPoint("serve", "old.install:main"),
+                                                            _EntryPoint("gone", "old.install:gone")])
+    found = {n: c.target for n, c in cli.service_commands().items()}
+    assert found == {**{"gone": "old.install:gone"}, **declared["hpad.commands"]}
+    monkeypatch.setattr(cli, "entry_points", lambda group: [])
     (tmp_path / "pyproject.toml").write_text('[project]\nname = "other"\n[project.entry-points."hpad.commands"]\n'
                                              'serve = "x:y"\n')
     monkeypatch.setattr(cli, "SOURCE_TREE", tmp_path)
