@@ -79,6 +79,48 @@ def make_producer(kwargs: dict) -> KafkaProducer:
         return KafkaProducer(**kwargs)
 
 
+class MetadataWatch:
+    """Keeps a group member that owns nothing from waiting minutes for its topic's metadata.
+
+    kafka-python's group leader assigns partitions from its metadata cache. When a join races the first
+    metadata fetch of a topic (created a moment before, or a metadata response that answered a request sent
+    before ``subscribe`` and so clears the refresh that the assignment asked for), the leader assigns nothing
+    and rejoins only once a later refresh shows the partitions: by default ``metadata_max_age_ms`` (5 minutes)
+    later. `check`, called from the poll loop, asks for a refresh (at most every ``interval_s``) while the
+    member owns no partition and its cache has none for a subscribed topic; kafka-python's coordinator then
+    sees its metadata snapshot change and rejoins by itself. A member left without partitions in an
+    over-provisioned group (the cache knows the partitions) costs nothing.
+    """
+
+    def __init__(self, consumer: KafkaConsumer, topics: list[str], interval_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.consumer, self.topics, self.interval_s, self.clock = consumer, list(topics), interval_s, clock
+        self.requests = 0  # metadata refreshes asked for so far
+        self._last: float | None = None
+
+    def missing(self) -> list[str]:
+        """Subscribed topics whose partitions kafka-python's metadata cache does not know (no network)."""
+        cluster = self.consumer._client.cluster  # kafka-python's ClusterMetadata: read-only use
+        return [topic for topic in self.topics if not cluster.partitions_for_topic(topic)]
+
+    def check(self) -> bool:
+        """Ask for a metadata refresh when this member owns nothing for want of metadata; True if it asked."""
+        if self.consumer.assignment():
+            self._last = None
+            return False
+        missing = self.missing()
+        now = self.clock()
+        if not missing or (self._last is not None and now - self._last < self.interval_s):
+            return False
+        if self._last is None:
+            log.info("no partitions assigned and no partition metadata yet for %s; refreshing metadata "
+                     "every %.1f s until the group rebalances with them", ", ".join(missing), self.interval_s)
+        self._last = now
+        self.requests += 1
+        self.consumer._client.cluster.request_update()
+        return True
+
+
 # ------------------------------------------------------------------------------------------ security diagnosis
 
 _TLS_ALERT_HINTS = ("ALERT_BAD_CERTIFICATE", "ALERT_CERTIFICATE_UNKNOWN", "ALERT_CERTIFICATE_EXPIRED",

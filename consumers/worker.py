@@ -93,6 +93,7 @@ class Worker(Stoppable):
         self.sampler: NormalsSampler | None = None
         self.checkpoint: Checkpoint | None = None
         self.rebalance: Rebalancer | None = None
+        self.metadata_watch: kafka_io.MetadataWatch | None = None
         self._next_lag = 0.0
         self.name = worker_name(settings.client_id)
         self._publish_static_metrics()
@@ -175,6 +176,7 @@ class Worker(Stoppable):
         self.rebalance = Rebalancer(self.consumer, self.checkpoint, self.pipeline, self.health, self.metrics,
                                     s.revoke_timeout_ms / 1000, on_assigned=self.assigned)
         self.consumer.subscribe([s.input_topic], listener=self.rebalance)
+        self.metadata_watch = kafka_io.MetadataWatch(self.consumer, [s.input_topic])
         self.pipeline.start()
         log.info("worker %s consuming %s as group %s (model %s, weights %s)", self.name, s.input_topic,
                  s.group_id, self.model.identity, "RANDOM" if self.model.random_weights else self.model.weights)
@@ -248,6 +250,8 @@ class Worker(Stoppable):
             elif blocked:
                 pipeline.wait_room(0.05)  # the scorer is busy: sleep until it takes a batch (no spinning)
             checkpoint.commit()  # what the output stage acknowledged so far (throttled after a failure)
+            if self.metadata_watch is not None:  # assigned nothing for want of metadata: refresh it
+                self.metadata_watch.check()
             self._update_lag()
             self.metrics.inflight.set(self.book.pending())
         if len(batch):

@@ -173,6 +173,7 @@ class Tuner(Stoppable):
         self.registry = registry
         self.reservoir = reservoir
         self._consumer_factory = consumer_factory
+        self._metadata_watch: kafka_io.MetadataWatch | None = None
         self.metrics = metrics or TunerMetrics()
         self.health = health or Health(settings.liveness_timeout_ms / 1000)
         self.health.model_loaded = True
@@ -222,6 +223,7 @@ class Tuner(Stoppable):
         try:
             consumer = self._consumer_factory()
             consumer.subscribe([self.settings.normals_topic])
+            self._metadata_watch = kafka_io.MetadataWatch(consumer, [self.settings.normals_topic])
             log.info("tuner consuming %s as group %s; categories %s; reservoir %s", self.settings.normals_topic,
                      self.settings.group_id, ",".join(self.settings.categories), self.settings.reservoir_dir)
             return consumer
@@ -254,6 +256,8 @@ class Tuner(Stoppable):
             self.stop_event.wait(1.0)
             return
         self.health.assigned = len(consumer.assignment())
+        if self._metadata_watch is not None:  # assigned nothing for want of metadata: refresh it
+            self._metadata_watch.check()
         if not batch:
             return
         for records in batch.values():

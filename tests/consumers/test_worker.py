@@ -373,3 +373,67 @@ def test_lag_metric_follows_commits(kafka_broker, make_worker):
     wait_for(lambda: lags() == {"0": 0.0, "1": 0.0, "2": 0.0}, timeout=10, what="lag back to 0 on all partitions")
     thread.stop()
     assert committed_offsets(kafka_broker, topics.group, topics.frames) == {0: 3, 1: 3, 2: 3}
+
+
+@pytest.mark.apache_kafka
+def test_worker_joined_before_its_topic_existed_picks_it_up(apache_kafka_broker, make_worker):
+    """Apache Kafka without auto-create: the worker joins while its input topic does not exist yet and is
+    assigned nothing; once the topic is created it must rejoin and score (kafka-python alone rejoins only at
+    its next metadata refresh, metadata_max_age_ms = 5 min; the same path as a topic created just before the
+    first join, whose metadata the broker had not yet served)."""
+    from tests.consumers.kafka_helpers import KafkaTools
+
+    kafka = KafkaTools(apache_kafka_broker)
+    topics = new_topics(apache_kafka_broker, partitions=2)
+    late = f"{topics.frames}.late"
+    s = kafka.settings(topics, input_topic=late)
+    worker = WorkerThread(make_worker(s)).start()
+    wait_for(lambda: worker.worker.rebalance_log and worker.worker.rebalance_log[-1] == ("assigned", frozenset()),
+             what="the worker joined with nothing assigned")
+    kafka.create_topic(late, 2)
+    rng = np.random.default_rng(9)
+    frames = [good_frame(rng) for _ in range(6)]
+    for i, frame in enumerate(frames):
+        frame.partition = i % 2
+    kafka.publish(late, frames)
+    events = events_by_frame(kafka.read_all(topics.events, expected=6, timeout=40))
+    worker.stop()
+    assert set(events) == {f.frame_id for f in frames}
+    assert worker.worker.health.assigned == 2 or any(kind == "assigned" and len(tps) == 2
+                                                     for kind, tps in worker.worker.rebalance_log)
+
+
+@pytest.mark.apache_kafka
+def test_metadata_watch_refreshes_only_while_nothing_is_owned_for_want_of_metadata(apache_kafka_broker):
+    """A real consumer on Apache Kafka (no auto-create): while its topic has no partition metadata and it owns
+    nothing, the watch asks for a refresh, at most once per interval; once partitions are owned it stops."""
+    from kafka import KafkaConsumer
+
+    from consumers.kafka_io import MetadataWatch
+
+    topic = f"watch-{np.random.default_rng().integers(1 << 30)}"
+    consumer = KafkaConsumer(bootstrap_servers=apache_kafka_broker.bootstrap, group_id=f"{topic}.group",
+                             enable_auto_commit=False)
+    try:
+        consumer.subscribe([topic])
+        now = [100.0]
+        watch = MetadataWatch(consumer, [topic], interval_s=1.0, clock=lambda: now[0])
+        consumer.poll(timeout_ms=500)
+        assert watch.missing() == [topic] and not consumer.assignment()
+        assert watch.check() and consumer._client.cluster.need_update
+        now[0] += 0.5
+        assert not watch.check()  # throttled
+        now[0] += 0.6
+        assert watch.check() and watch.requests == 2
+        apache_kafka_broker.create_topic(topic, 2)
+        deadline = time.monotonic() + 30
+        while not consumer.assignment() and time.monotonic() < deadline:
+            consumer.poll(timeout_ms=200)
+            now[0] += 1.0
+            watch.check()
+        assert len(consumer.assignment()) == 2 and watch.missing() == []
+        asked = watch.requests
+        now[0] += 5.0
+        assert not watch.check() and watch.requests == asked  # owns partitions: nothing to refresh
+    finally:
+        consumer.close()
