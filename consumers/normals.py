@@ -7,7 +7,10 @@ unchanged, minus any ``verified`` header (only operators verify frames) and plus
 ``hpad-prompt-version`` and ``hpad-sampled-by``.
 
 Sampling is best-effort by design: it never delays or fails the frame's own event. A send that fails is
-logged and not counted; the reservoir is a sample anyway.
+logged and not counted; the reservoir is a sample anyway. A send that could not even start (the topic is
+missing on a broker without auto-create, or unreachable: kafka-python blocks ``max_block_ms`` for its
+metadata) pauses sampling for ``pause_s``, doubling up to ``max_pause_s``, so the output thread is not held
+up on every sample.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kafka import KafkaProducer
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, KafkaTimeoutError
 
 from consumers.metrics import WorkerMetrics
 
@@ -62,8 +65,13 @@ class NormalsSampler:
 
     def __init__(self, topic: str, margin: float, per_minute: float, producer_factory: Callable[[], KafkaProducer],
                  metrics: WorkerMetrics | None, sampled_by: str,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, pause_s: float = 30.0,
+                 max_pause_s: float = 600.0) -> None:
         self.topic, self.margin, self.per_minute = topic, margin, per_minute
+        self.pause_s, self.max_pause_s = pause_s, max_pause_s
+        self._paused_until: float | None = None
+        self._next_pause = pause_s
+        self.pauses = 0
         self._producer_factory = producer_factory
         self._producer: KafkaProducer | None = None
         self.metrics = metrics
@@ -78,6 +86,8 @@ class NormalsSampler:
         """Sample this frame if it qualifies; True when it was handed to the producer."""
         if not value or not confidently_normal(score, threshold, self.margin):
             return False
+        if self._paused_until is not None and self.clock() < self._paused_until:
+            return False
         with self._lock:
             ok, self._buckets[category] = take_token(self._buckets.get(category), self.clock(), self.per_minute)
         if not ok:
@@ -88,8 +98,16 @@ class NormalsSampler:
             future = self._producer.send(self.topic, key=key, value=value,
                                          headers=sample_headers(headers, score, version, self.sampled_by))
         except (KafkaError, ValueError, AssertionError) as exc:
-            log.warning("normal sample not sent to %s: %s", self.topic, exc)
+            if isinstance(exc, KafkaTimeoutError):  # no metadata for the topic within max_block_ms
+                self._paused_until = self.clock() + self._next_pause
+                self.pauses += 1
+                log.warning("normal sample not sent to %s: %s; is the topic missing (no auto-create)? "
+                            "sampling paused for %.0f s", self.topic, exc, self._next_pause)
+                self._next_pause = min(self.max_pause_s, self._next_pause * 2)
+            else:
+                log.warning("normal sample not sent to %s: %s", self.topic, exc)
             return False
+        self._next_pause = self.pause_s
         future.add_callback(self._sent, category)
         future.add_errback(lambda exc: log.warning("normal sample to %s failed: %s", self.topic, exc))
         return True
