@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from kafka import KafkaConsumer, KafkaProducer
+from kafka import errors as Errors
 from kafka.errors import KafkaError, KafkaTimeoutError
 
 from hpad.errors import ConfigError
@@ -77,6 +78,24 @@ def make_consumer(kwargs: dict) -> KafkaConsumer:
 def make_producer(kwargs: dict) -> KafkaProducer:
     with security_diagnosed(kwargs):
         return KafkaProducer(**kwargs)
+
+
+# a consumer group's join errors that retrying cannot fix (kafka-python raises them from poll)
+FATAL_GROUP_ERRORS: tuple[type[KafkaError], ...] = (
+    Errors.InvalidSessionTimeoutError, Errors.InvalidGroupIdError, Errors.GroupAuthorizationFailedError,
+    Errors.TopicAuthorizationFailedError)
+
+
+def group_error_message(exc: KafkaError, group_id: str, session_timeout_ms: int, prefix: str = "HPAD_") -> str:
+    """What to change, for one of `FATAL_GROUP_ERRORS` (the command exits 2 with it)."""
+    if isinstance(exc, Errors.InvalidSessionTimeoutError):
+        return (f"the broker refused the group session timeout {session_timeout_ms} ms: it is outside the "
+                f"broker's group.min.session.timeout.ms .. group.max.session.timeout.ms (defaults 6000 .. "
+                f"1800000); set {prefix}SESSION_TIMEOUT_MS inside that range")
+    if isinstance(exc, Errors.InvalidGroupIdError):
+        return f"the broker refused the consumer group id {group_id!r}; set {prefix}GROUP_ID"
+    return (f"the broker refused access ({type(exc).__name__}: {exc}); grant the client's principal READ on "
+            f"the group {group_id!r} and its topics (ACLs), or use another principal")
 
 
 class MetadataWatch:

@@ -40,6 +40,7 @@ from consumers.prompt_provider import PromptProvider
 from consumers.rebalance import Rebalancer
 from consumers.service import Stoppable, stop_signals
 from consumers.settings import WorkerSettings, consumer_kwargs, producer_kwargs
+from hpad.errors import ConfigError
 from hpad.scorer import Scorer
 
 log = logging.getLogger(__name__)
@@ -263,6 +264,9 @@ class Worker(Stoppable):
         assert self.consumer is not None and self.pipeline is not None
         try:
             records = self.consumer.poll(timeout_ms=timeout_ms, max_records=max(1, limit))
+        except kafka_io.FATAL_GROUP_ERRORS as exc:  # retrying cannot help: a setting or the broker's ACLs must change
+            raise ConfigError(kafka_io.group_error_message(exc, self.settings.group_id,
+                                                     self.settings.session_timeout_ms)) from exc
         except KafkaError as exc:
             self.metrics.retries.labels(kind="poll").inc()
             log.warning("poll failed (%s); retrying", exc)

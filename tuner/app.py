@@ -49,7 +49,7 @@ from consumers.settings import (
     prompts_consumer_kwargs,
 )
 from hpad.artifact import PromptArtifact, read_artifact
-from hpad.errors import FrameError, HpadError
+from hpad.errors import ConfigError, FrameError, HpadError
 from hpad.io import atomic_write_text
 from hpad.mpts import Pool
 from hpad.scorer import Scorer
@@ -251,6 +251,9 @@ class Tuner(Stoppable):
     def _consume(self, consumer: KafkaConsumer) -> None:
         try:
             batch = consumer.poll(timeout_ms=500, max_records=64)
+        except kafka_io.FATAL_GROUP_ERRORS as exc:  # a setting or the ACLs must change: exit 2, not retry
+            raise ConfigError(kafka_io.group_error_message(exc, self.settings.group_id,
+                                                           self.settings.session_timeout_ms)) from exc
         except KafkaError as exc:
             log.warning("poll failed (%s); retrying", exc)
             self.stop_event.wait(1.0)

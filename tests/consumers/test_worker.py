@@ -437,3 +437,20 @@ def test_metadata_watch_refreshes_only_while_nothing_is_owned_for_want_of_metada
         assert not watch.check() and watch.requests == asked  # owns partitions: nothing to refresh
     finally:
         consumer.close()
+
+
+@pytest.mark.apache_kafka
+def test_a_session_timeout_the_broker_refuses_is_a_config_error_not_a_retry_loop(apache_kafka_broker, make_worker):
+    """Apache Kafka refuses a session timeout above group.max.session.timeout.ms (30 min) at JoinGroup: the
+    worker stops with a ConfigError naming HPAD_SESSION_TIMEOUT_MS (hpad exits 2) instead of retrying."""
+    from hpad.errors import ConfigError
+    from tests.consumers.kafka_helpers import KafkaTools
+
+    kafka = KafkaTools(apache_kafka_broker)
+    topics = new_topics(apache_kafka_broker, partitions=1)
+    s = kafka.settings(topics, session_timeout_ms=2_400_000)
+    worker = make_worker(s)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="HPAD_SESSION_TIMEOUT_MS") as refused:
+        worker.run(timeout=60, install_signals=False)
+    assert "2400000 ms" in str(refused.value) and time.monotonic() - started < 30
