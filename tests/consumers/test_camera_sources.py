@@ -59,6 +59,20 @@ def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
+def metrics_text(port: int) -> str:
+    """``/metrics``, or "" while nothing serves it yet."""
+    try:
+        return scrape(port)[1]
+    except OSError:
+        return ""
+
+
+@pytest.fixture(autouse=True)
+def _ffmpeg_options(monkeypatch):
+    """`hpad camera` sets OPENCV_FFMPEG_CAPTURE_OPTIONS for its process; in-process runs here must not leak it."""
+    monkeypatch.setenv("OPENCV_FFMPEG_CAPTURE_OPTIONS", "")
+
+
 def sample(text: str, name: str, **labels: str) -> float:
     """The value of one series in a Prometheus exposition (0 when absent)."""
     want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
@@ -275,7 +289,7 @@ def test_cameras_file_serves_a_file_a_folder_and_an_mjpeg_stream(kafka_broker, t
         try:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
-                text = scrape(port)[1] if thread.is_alive() else ""
+                text = metrics_text(port) if thread.is_alive() else ""
                 if sample(text, "hpad_camera_frames_published_total", camera="mjpeg") >= 6 and \
                         sample(text, "hpad_camera_frames_published_total", camera="file") == 30:
                     break
@@ -340,20 +354,14 @@ def test_rtsp_stall_and_restart_are_reconnected_and_losses_counted(kafka_broker,
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
                 assert camera.poll() is None, f"camera exited ({camera.returncode}):\n{log_path.read_text()}"
-                text = metrics_text()
+                text = metrics_text(port)
                 if sample(text, name, camera="rtsp-1") >= at_least:
                     return text
                 time.sleep(0.2)
             raise AssertionError(f"timed out waiting for {name} >= {at_least}:\n{log_path.read_text()}")
 
-        def metrics_text() -> str:
-            try:
-                return scrape(port)[1]
-            except OSError:  # not serving yet
-                return ""
-
         def published() -> float:
-            return sample(metrics_text(), "hpad_camera_frames_published_total", camera="rtsp-1")
+            return sample(metrics_text(port), "hpad_camera_frames_published_total", camera="rtsp-1")
 
         def outage(begin, end, number: int) -> None:
             wait_for("hpad_camera_frames_published_total", published() + 10)  # frames flow
@@ -402,4 +410,4 @@ def test_rtsp_stall_and_restart_are_reconnected_and_losses_counted(kafka_broker,
 def _env() -> dict[str, str]:
     import os
 
-    return {k: v for k, v in os.environ.items() if not k.startswith("HPAD_")}
+    return {k: v for k, v in os.environ.items() if not k.startswith("HPAD_") and k != "OPENCV_FFMPEG_CAPTURE_OPTIONS"}
