@@ -132,7 +132,9 @@ class VideoSource:
         return Captured(pixels, None, None, position if position >= 0 else None, time.time())
 
     def nominal_fps(self) -> float | None:
-        if self.capture is None:
+        """The stream's frame rate (CAP_PROP_FPS) when it says one; None for HTTP MJPEG, whose demuxer reports a
+        made-up 25 fps (the capture loop measures the rate instead)."""
+        if self.capture is None or self.kind is SourceKind.HTTP:
             return None
         fps = float(self.capture.get(cv2.CAP_PROP_FPS))
         return fps if 0 < fps <= MAX_SANE_FPS else None
