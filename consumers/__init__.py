@@ -26,7 +26,7 @@ The scoring worker (``hpad serve``):
 * `prompt_provider` - prompt sets per category behind a swappable interface; `normals` - samples for the tuner
 * `app` (``hpad serve``), `supervisor` (``hpad serve --workers N``: N workers sharing one GPU)
 
-Tools: `camera` (``hpad camera``), `broker` (embedded tansu), `apache_kafka` (Apache Kafka KRaft launcher for tests
+Tools: `camera` (``hpad camera``; with `sources`, `capture`, `cameras_file`, `camera_metrics`), `broker` (embedded tansu), `apache_kafka` (Apache Kafka KRaft launcher for tests
 and development), `demo` (``make demo``), `docs` (generated
 tables of README.md).
 """

@@ -10,6 +10,11 @@ the demo prints the moment the events' ``prompt_version`` changes. A few poison 
 topic. A live line every second, a summary at the end (after ``--frames`` frames and the first swap, or
 ``--swap-wait`` seconds, or Ctrl-C).
 
+``--source video`` makes the camera stream a video instead of the image folder: the demo writes an MP4
+(OpenCV VideoWriter, one image per frame at ``--rate`` fps) from the same images and runs
+``hpad camera --source <that file> --loop`` (which decodes it, re-encodes JPEG and serves its own metrics);
+``--source URL|FILE|DEVICE`` streams any other source the camera reads (an RTSP camera, a video file...).
+
 Every service is a `ManagedProcess` in `Demo.processes` (see `Demo.plan`).
 """
 
@@ -116,6 +121,23 @@ def generated_images(folder: Path, count: int = 24, size: int = 256) -> Path:
     return folder
 
 
+def write_video(images: Path, path: Path, fps: float, count: int = 60, side: int = 512) -> Path:
+    """An MP4 (mp4v) of the first ``count`` images below ``images`` (sorted, all subfolders mixed by name so
+    defects and good ones alternate), each resized to ``side`` x ``side``, one image per frame at ``fps``."""
+    paths = sorted(p for p in images.rglob("*.png"))
+    paths = sorted(paths, key=lambda p: (p.name, p.parent.name))[:count]
+    if not paths:
+        raise RuntimeError(f"no .png images below {images} to make a video of")
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (side, side))
+    if not writer.isOpened():
+        raise RuntimeError("OpenCV cannot write an mp4v video here")
+    for image_path in paths:
+        picture = cv2.imread(str(image_path), cv2.IMREAD_COLOR)
+        writer.write(cv2.resize(picture, (side, side), interpolation=cv2.INTER_AREA))
+    writer.release()
+    return path
+
+
 def poison_frames() -> list[tuple[str, bytes, list[tuple[str, bytes]]]]:
     """(label, value, headers) of frames that must end up in the dead-letter topic."""
     def headers(frame_id: str, content: str = "image/png", category: str = "bottle"):
@@ -201,6 +223,7 @@ class Demo:
         self.workdir = Path(tempfile.mkdtemp(prefix="hpad-demo-"))
         self.metrics_port = ns.metrics_port or free_port()
         self.tuner_port = free_port()
+        self.camera_port = free_port()
         self.stats = Stats(random_weights=not (ns.pretrained or ns.checkpoint))
         self._injected = False
         self._tuner_reported = False
@@ -283,10 +306,24 @@ class Demo:
             self.processes.append(ManagedProcess("tuner", [*hpad, "tune"], self.tuner_env(broker),
                                                  self.workdir / "tuner.log",
                                                  ready_url=f"http://127.0.0.1:{self.tuner_port}/healthz"))
-        camera = [*hpad, "camera", "--dir", str(data), "--rate", str(self.ns.rate), "--loop", "--cameras", "3",
-                  "--category", self.ns.category,
+        camera = [*hpad, "camera", *self.camera_source(data), "--category", self.ns.category,
                   "--bootstrap", broker.bootstrap, "--input-topic", TOPICS["frames"]]
         self.processes.append(ManagedProcess("camera", camera, {}, self.workdir / "camera.log", grace_s=5.0))
+
+    def camera_source(self, data: Path) -> list[str]:
+        """The camera's flags: the image folder (three simulated cameras), or ``--source`` (one stream)."""
+        if self.ns.source is None:
+            return ["--dir", str(data), "--rate", str(self.ns.rate), "--loop", "--cameras", "3"]
+        if self.ns.source == "video":
+            video = write_video(data, self.workdir / "demo.mp4", self.ns.rate)
+            print(f"wrote {video} ({int(cv2.VideoCapture(str(video)).get(cv2.CAP_PROP_FRAME_COUNT))} frames at "
+                  f"{self.ns.rate:g} fps) for the camera to stream")
+            source = [str(video), "--loop"]
+        else:
+            source = [self.ns.source]
+        print(f"camera metrics: http://127.0.0.1:{self.camera_port}/metrics  (also /healthz)")
+        return ["--source", *source, "--camera-id", "cam-video", "--metrics-port", str(self.camera_port),
+                "--metrics-host", "127.0.0.1"]
 
     def run(self) -> int:
         with self.broker() as broker:
@@ -395,6 +432,11 @@ class Demo:
             streaming = time.monotonic() - s.first
             print(f"throughput: {s.done / max(streaming, 1e-3):.1f} frames/s while streaming ({streaming:.0f} s; "
                   f"{elapsed:.0f} s including start-up)")
+        camera_log = self.workdir / "camera.log"
+        if self.ns.source is not None and camera_log.is_file():
+            for line in camera_log.read_text(errors="replace").splitlines():
+                if ": captured " in line or "stream resumed" in line or "stream dropped" in line:
+                    print(line.split("hpad.camera: ", 1)[-1])
         print(f"exit codes: {codes}; logs in {self.workdir}")
 
 
@@ -405,6 +447,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--frames", type=int, default=200, help="stop after this many camera frames")
     parser.add_argument("--rate", type=float, default=10.0, help="camera frames per second")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of images to stream")
+    parser.add_argument("--source", help="video: stream an MP4 the demo makes from the images; or any camera "
+                        "source (rtsp://..., http(s)://... MJPEG, a video file, /dev/videoN) instead of the folder")
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--model", default="hpad-small",
                         help="open_clip model (default hpad-small: quick on a laptop CPU; e.g. ViT-B-16-plus-240)")

@@ -12,6 +12,8 @@ import re
 import sys
 from pathlib import Path
 
+from consumers.camera_metrics import CameraMetrics
+from consumers.cameras_file import CameraSpec
 from consumers.contract import REASONS
 from consumers.metrics import WorkerMetrics
 from consumers.settings import CameraSettings, KafkaSettings, WorkerSettings, settings_table
@@ -28,6 +30,24 @@ def metrics_table(holder: object | None = None) -> str:
     return "\n".join(lines)
 
 
+def spec_table() -> str:
+    """| field | default | meaning | of one camera in a cameras file (`CameraSpec`)."""
+    lines = ["| field | default | meaning |", "|---|---|---|"]
+    for name, info in CameraSpec.model_fields.items():
+        default = "required" if info.is_required() else _default(info.default)
+        text = (info.description or "").replace("|", "\\|")
+        lines.append(f"| `{name}` | {default} | {text} |")
+    return "\n".join(lines)
+
+
+def _default(value: object) -> str:
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    return f"`{value}`"
+
+
 def reasons_table() -> str:
     lines = ["| `hpad-error-class` | meaning |", "|---|---|"]
     lines += [f"| `{code}` | {text} |" for code, text in REASONS.items()]
@@ -40,6 +60,8 @@ def generated_blocks() -> dict[str, str]:
         "worker-settings": settings_table(WorkerSettings),
         "camera-settings": settings_table(CameraSettings, fields=own_fields(CameraSettings, KafkaSettings)),
         "metrics": metrics_table(),
+        "camera-metrics": metrics_table(CameraMetrics()),
+        "camera-spec": spec_table(),
         "reasons": reasons_table(),
     }
 

@@ -157,6 +157,13 @@ class Health:
     def ready(self) -> bool:
         return self.model_loaded and self.assigned > 0
 
+    def liveness_text(self) -> str:
+        """The body of ``/healthz`` (other processes' Health subclasses say more)."""
+        return f"{'ok' if self.live() else 'stuck'}: main loop heartbeat {self.heartbeat_age():.1f} s ago\n"
+
+    def readiness_text(self) -> str:
+        return f"model_loaded={self.model_loaded} assigned_partitions={self.assigned}\n"
+
 
 class MetricsServer:
     """``/metrics``, ``/healthz``, ``/readyz`` on a daemon thread; ``port=0`` picks a free port."""
@@ -188,13 +195,9 @@ def _handler(metrics: object, health: Health) -> type[BaseHTTPRequestHandler]:
             if path == "/metrics":
                 self._reply(200, metrics.exposition(), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
-                age = health.heartbeat_age()
-                ok = health.live()
-                self._reply(200 if ok else 503, f"{'ok' if ok else 'stuck'}: main loop heartbeat {age:.1f} s ago\n")
+                self._reply(200 if health.live() else 503, health.liveness_text())
             elif path == "/readyz":
-                ok = health.ready()
-                text = f"model_loaded={health.model_loaded} assigned_partitions={health.assigned}\n"
-                self._reply(200 if ok else 503, text)
+                self._reply(200 if health.ready() else 503, health.readiness_text())
             else:
                 self._reply(404, "try /metrics, /healthz or /readyz\n")
 

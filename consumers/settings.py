@@ -250,11 +250,43 @@ class WorkerSettings(ModelSettings):
 
 
 class CameraSettings(KafkaSettings):
-    """``hpad camera``: where to publish (the folder, rate and ids are flags)."""
+    """``hpad camera``: where to publish, how streams are opened and reconnected, metrics (the sources, rates
+    and ids are flags or the cameras file)."""
 
     client_id: str = Field("hpad-camera", description="Kafka client id")
     input_topic: str = Field("hpad.frames", description="topic the frames are published to")
     producer_max_request_size: int = Field(32 * MiB, ge=64 * 1024, description="largest frame the camera sends")
+    open_timeout_ms: int = Field(10000, ge=100, description="longest a stream may take to open (OpenCV/FFmpeg "
+                                 "CAP_PROP_OPEN_TIMEOUT_MSEC)")
+    read_timeout_ms: int = Field(5000, ge=100, description="a read waiting longer counts as a stall "
+                                 "(CAP_PROP_READ_TIMEOUT_MSEC; FFmpeg retries RTSP about 3 times before giving up)")
+    reconnect_backoff_ms: int = Field(500, ge=1, description="first wait before reconnecting a dropped stream "
+                                      "(doubles per failed attempt)")
+    reconnect_backoff_max_ms: int = Field(30000, ge=1, description="longest wait between reconnect attempts")
+    reconnect_jitter: float = Field(0.2, ge=0, le=1, description="each backoff is randomised by +/- this fraction")
+    rtsp_transport: Literal["tcp", "udp"] = Field(
+        "tcp", description="RTSP transport (FFmpeg rtsp_transport; unused when OPENCV_FFMPEG_CAPTURE_OPTIONS is set)")
+    max_pending_frames: int = Field(1000, ge=1, description="frames per camera handed to the producer and not "
+                                    "yet acknowledged before capture waits")
+    ack_timeout_ms: int = Field(30000, ge=100, description="on stop, wait this long for frames in flight to be "
+                                "acknowledged (the rest count as failed)")
+    metrics_port: int = Field(9402, ge=-1, le=65535, description="/metrics, /healthz, /readyz port (0 = any free, "
+                              "-1 = off)")
+    metrics_host: str = Field("0.0.0.0", description="address the metrics server binds")
+    liveness_timeout_ms: int = Field(60000, ge=1000, description="/healthz fails when a capture thread is stuck "
+                                     "this long")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+
+    @model_validator(mode="after")
+    def _check_camera(self) -> CameraSettings:
+        if self.reconnect_backoff_max_ms < self.reconnect_backoff_ms:
+            raise ValueError("HPAD_RECONNECT_BACKOFF_MAX_MS must be >= HPAD_RECONNECT_BACKOFF_MS")
+        longest = max(self.open_timeout_ms + 3 * self.read_timeout_ms,
+                      self.reconnect_backoff_max_ms * (1 + self.reconnect_jitter))
+        if self.liveness_timeout_ms <= longest:
+            raise ValueError(f"HPAD_LIVENESS_TIMEOUT_MS must exceed {longest:.0f} ms (open timeout + 3 read "
+                             "timeouts, and the longest backoff): a capture thread may wait that long")
+        return self
 
 
 # ------------------------------------------------------------------------------------------ loading
