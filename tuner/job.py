@@ -184,7 +184,8 @@ def tune_category(
     decision = gate(current_metrics, candidate_metrics, config.margin)
     counts = {name: len(idx) for name, idx in splits.items()}
     counts["gate_anomalies"] = config.gate_anomalies + (len(labelled) if labelled is not None else 0) + len(defects)
-    counts["real_defects"] = len(defects)
+    if defects:
+        counts["real_defects"] = len(defects)
     return TuneOutcome(result, decision, counts, feedback)
 
 

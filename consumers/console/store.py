@@ -27,7 +27,9 @@ DROP_REASONS = {
     "bad_event": "an event that is not JSON or lacks the fields the console needs",
     "unjoined_event": "an event whose frame never arrived while it waited (pending map full)",
     "evicted_unscored": "a frame evicted from its camera's ring before its event arrived",
+    "duplicate_event": "a second event for a frame (re-sent after a worker restart); the first one is kept",
 }
+SEEN_EVENTS = 8192  # frame ids of recent events remembered to drop duplicates
 EVENT_FIELDS = ("frame_id", "camera_id", "score", "threshold", "is_anomaly", "prompt_version")
 
 
@@ -107,6 +109,7 @@ class FrameStore:
         self.cameras: OrderedDict[str, CameraView] = OrderedDict()
         self.index: dict[str, FrameEntry] = {}  # frame_id -> entry (in a ring or an anomaly list)
         self.pending: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.seen: OrderedDict[str, None] = OrderedDict()  # frame ids of recent events (duplicates dropped)
         self.bytes = 0
         self.drops: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
         self.lock = threading.RLock()
@@ -152,10 +155,16 @@ class FrameStore:
             self._drop("bad_event")
             return False
         with self.lock:
+            if event["frame_id"] in self.seen:
+                self._drop("duplicate_event")
+                return False
             view = self._camera(event["camera_id"])
             if view is None:
                 self._drop("camera_limit")
                 return False
+            self.seen[event["frame_id"]] = None
+            while len(self.seen) > SEEN_EVENTS:
+                self.seen.popitem(last=False)
             view.events += 1
             view.last_event_at = time.time()
             view.category = event.get("category") or view.category
