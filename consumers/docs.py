@@ -12,6 +12,9 @@ import re
 import sys
 from pathlib import Path
 
+from consumers.console.metrics import ConsoleMetrics
+from consumers.console.settings import ConsoleSettings
+from consumers.console.store import DROP_REASONS as CONSOLE_DROP_REASONS
 from consumers.contract import REASONS
 from consumers.metrics import WorkerMetrics
 from consumers.settings import CameraSettings, KafkaSettings, WorkerSettings, settings_table
@@ -41,6 +44,10 @@ def generated_blocks() -> dict[str, str]:
         "camera-settings": settings_table(CameraSettings, fields=own_fields(CameraSettings, KafkaSettings)),
         "metrics": metrics_table(),
         "reasons": reasons_table(),
+        "console-settings": settings_table(ConsoleSettings, fields=own_fields(ConsoleSettings, KafkaSettings)),
+        "console-metrics": metrics_table(ConsoleMetrics()),
+        "console-drops": "\n".join(["| `reason` | meaning |", "|---|---|"]
+                                    + [f"| `{k}` | {v} |" for k, v in CONSOLE_DROP_REASONS.items()]),
     }
 
 
