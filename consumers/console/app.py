@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import html
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -52,7 +54,7 @@ from consumers.console.settings import ConsoleSettings
 from consumers.console.store import FrameEntry, FrameStore
 from consumers.contract import Limits, header_map, parse_frame_headers, rfc3339
 from consumers.metrics import Health
-from consumers.service import Stoppable, Telemetry, run_main
+from consumers.service import Stoppable, Telemetry, run_main, stop_signals
 from consumers.settings import connection_kwargs, parse_service_args, producer_kwargs
 from hpad.errors import FrameError
 
@@ -428,7 +430,7 @@ def serve(settings: ConsoleSettings, ns: argparse.Namespace, telemetry: Telemetr
     mode = "read-only" if settings.read_only else f"feedback on ({len(console.operators)} operator token(s))"
     log.info("console on http://%s:%d/ (%s)", settings.console_host, port, mode)
     config = uvicorn.Config(build_app(console), log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
+    server = _server_class(uvicorn)(config)
     try:
         server.run(sockets=[sock])
     finally:
@@ -436,6 +438,25 @@ def serve(settings: ConsoleSettings, ns: argparse.Namespace, telemetry: Telemetr
         sock.close()
     log.info("console stopped")
     return 0
+
+
+def _server_class(uvicorn):
+    """uvicorn's Server with hpad's stop signals: SIGTERM/SIGINT stop it and the process exits 0 like every hpad
+    service (uvicorn's own handlers re-raise the signal after shutdown, so the exit status would be -15)."""
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with stop_signals(self._stop):
+                yield
+
+        def _stop(self, signum: int) -> None:
+            log.info("received %s: stopping", signal.Signals(signum).name)
+            if self.should_exit:
+                self.force_exit = True  # a second signal: do not wait for open connections
+            self.should_exit = True
+
+    return Server
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -153,13 +153,24 @@ def console_process(bootstrap: str, topics: dict[str, str], workdir: Path, name:
             assert time.monotonic() < deadline, f"hpad console not ready in 60 s:\n{proc.log()}"
             time.sleep(0.1)
         yield proc
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+    except BaseException:
+        _stop(process)
+        raise
+    code = _stop(process)
+    assert code == 0, f"hpad console exited with {code} on SIGTERM:\n{proc.log()}"
+
+
+def _stop(process: subprocess.Popen) -> int | None:
+    """SIGTERM, then SIGKILL after 15 s; the exit code of the SIGTERM (None when it had to be killed)."""
+    if process.poll() is not None:
+        return process.returncode
+    process.terminate()
+    try:
+        return process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+        return None
 
 
 @contextlib.contextmanager

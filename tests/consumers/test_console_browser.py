@@ -9,6 +9,7 @@ Screenshots go to ``$HPAD_TEST_SCREENSHOTS`` (or the test's tmp folder; the path
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -154,8 +155,6 @@ def test_console_shows_the_overlay_live_and_false_alarm_feedback_reaches_the_tun
     assert {k: record[k] for k in ("frame_id", "camera_id", "category", "prompt_version", "score", "captured_at")} \
         == {k: event[k] for k in ("frame_id", "camera_id", "category", "prompt_version", "score", "captured_at")}
     assert (record["verdict"], record["operator"], record["note"]) == ("false_alarm", "alice", "reflection on the label")
-    import base64
-
     assert base64.b64decode(record["frame"]["data"]) == bad.value
 
     # the tuner: 5 scorer-sampled normals in its reservoir (below HPAD_MIN_NORMALS=6); the false alarm is the 6th
@@ -208,3 +207,56 @@ def test_a_read_only_console_shows_no_buttons_and_refuses_feedback(kafka_broker,
                                                                          "Authorization": "Bearer anything-123"})
         assert status == 403 and json.loads(answer)["error"] == "read_only"
     assert read_all(kafka_broker, topics["feedback"], timeout=3, idle=1.0) == []
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_the_overlay_of_a_real_workers_event_is_exactly_its_mask(kafka_broker, tmp_path, tiny_backbone):
+    """A real scoring worker (tiny model, random weights, HPAD_MASK_POLICY=always) scores a frame; the console
+    joins its event to the frame and tints exactly the pixels of the worker's mask (wherever a random model
+    puts it)."""
+    from consumers.app import build_provider
+    from consumers.metrics import WorkerMetrics
+    from consumers.models import model_info
+    from consumers.worker import Worker
+    from hpad.masks import decode_mask_png
+    from hpad.scorer import Scorer, ScorerConfig
+    from tests.consumers.kafka_helpers import Topics, WorkerThread, settings
+
+    topics = new_topics(kafka_broker)
+    kafka_broker.create_topic(f"{topics['frames']}.dlq", 1)
+    ws = settings(kafka_broker, Topics(topics["frames"], topics["events"], f"{topics['frames']}.dlq",
+                                       f"g-{uuid.uuid4().hex[:6]}"), categories=["widget"], mask_policy="always",
+                  prompts_topic=None)
+    scorer = Scorer(tiny_backbone, config=ScorerConfig(max_batch=4))
+    worker = Worker(ws, scorer, build_provider(ws, scorer, WorkerMetrics()), model_info(scorer, ws.precision),
+                    WorkerMetrics())
+    rng = np.random.default_rng(21)
+    frame = make_frame(rng, "cam-7", "widget", defect=True, size=(120, 160))
+    with console_process(kafka_broker.bootstrap, topics, tmp_path / "console", "worker") as console:
+        thread = WorkerThread(worker, {"timeout": 90}).start()
+        try:
+            publish(kafka_broker.bootstrap, [(topics["frames"], b"cam-7", frame.value, frame.headers)])
+
+            def joined() -> bool:
+                state = json.loads(http_get(f"{console.url}/api/state")[1])
+                latest = [c["latest"] for c in state["cameras"] if c["camera_id"] == "cam-7" and c["latest"]]
+                return bool(latest) and latest[0]["scored"]
+
+            wait_for(joined, timeout=60, what="the worker's event joined to its frame in the console")
+        finally:
+            thread.stop()
+        (event_record,) = read_all(kafka_broker, topics["events"], expected=1)
+        event = json.loads(event_record.value)
+        jsonschema.validate(event, json.loads((SCHEMAS / "event.schema.json").read_text()))
+        mask = decode_mask_png(base64.b64decode(event["mask"]["data"]))
+        assert mask.shape == (120, 160) and int(mask.sum()) == event["mask"]["anomalous_pixels"]
+        full = decode_jpeg(http_get(f"{console.url}/api/overlay/full/{frame.frame_id}")[1])
+        bare = decode_jpeg(http_get(f"{console.url}/api/overlay/full/{frame.frame_id}?mask=0")[1])
+    changed = np.abs(full.astype(np.int16) - bare.astype(np.int16)).max(axis=2) > 40
+    print(f"worker mask: {mask.sum()} of {mask.size} pixels (random weights); overlay changed {changed.sum()}")
+    if mask.any():
+        near = cv2.dilate(mask.astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
+        assert changed[~near].sum() <= 0.01 * changed.size and changed[mask].mean() > 0.9
+    else:
+        assert changed.sum() <= 0.01 * changed.size  # nothing to draw: the frame is shown as it is
