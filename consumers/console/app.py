@@ -63,6 +63,13 @@ STATIC = Path(__file__).resolve().parent / "static"
 SIZES = {"thumb": 200, "page": 720, "full": 16384}
 LIVE_INTERVAL_S = 0.2
 RESEND_ALL_S = 5.0
+MAX_FEEDBACK_BODY = 16 * 1024
+SECURITY_HEADERS = [
+    # everything the page needs comes from the console itself: no inline code, no CDN, not framed elsewhere
+    (b"content-security-policy", b"default-src 'self'; img-src 'self'; frame-ancestors 'none'; base-uri 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
 
 
 def reader_kwargs(s: ConsoleSettings) -> dict[str, Any]:
@@ -317,6 +324,25 @@ def _page(title: str, body: str, page: str) -> str:
             f"<main>{body}</main><script src=\"/static/console.js\"></script></body></html>")
 
 
+class SecurityHeaders:
+    """ASGI middleware adding `SECURITY_HEADERS` to every response (streaming ones included)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 def build_app(console: Console):  # -> Starlette
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
@@ -384,8 +410,12 @@ def build_app(console: Console):  # -> Starlette
         return HTMLResponse(text, status_code=status)
 
     async def feedback(request: Request) -> Response:
+        # the token travels in the Authorization header, never in a cookie: a cross-site form cannot send it
+        if int(request.headers.get("content-length") or 0) > MAX_FEEDBACK_BODY:
+            return JSONResponse({"error": "bad_request", "message": "the body is too large"}, status_code=413)
         try:
-            body = await request.json()
+            raw = await request.body()
+            body = json.loads(raw) if len(raw) <= MAX_FEEDBACK_BODY else None
         except ValueError:
             body = None
         try:
@@ -408,7 +438,9 @@ def build_app(console: Console):  # -> Starlette
         Route("/healthz", healthz),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    return Starlette(routes=routes)
+    from starlette.middleware import Middleware
+
+    return Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)])
 
 
 # ------------------------------------------------------------------------------------------ process

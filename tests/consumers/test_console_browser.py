@@ -126,6 +126,7 @@ def test_console_shows_the_overlay_live_and_false_alarm_feedback_reaches_the_tun
         frame_page.screenshot(path=str(shots / "3-frame-page.png"), full_page=True)
         missing = frame_page.goto(f"{console.url}/frame/no-such-frame")
         assert missing.status == 404 and "not in memory" in frame_page.inner_text("h1").lower()
+        assert "default-src 'self'" in missing.headers["content-security-policy"]  # no inline code, no CDN
         frame_page.screenshot(path=str(shots / "4-frame-404.png"))
         frame_page.close()
 
