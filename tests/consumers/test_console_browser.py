@@ -60,7 +60,8 @@ def test_console_shows_the_overlay_live_and_false_alarm_feedback_reaches_the_tun
                                                                                     tiny_backbone):
     """Invariants: an anomalous event appears on the page with its overlay within 2 s of being published; the
     overlay covers the painted defect and little else; "false alarm" publishes one schema-valid feedback record
-    carrying the frame; the next tuner run counts that frame among its normals."""
+    carrying the frame, "real defect" on the frame page another; the next tuner run counts the false alarm
+    among its normals and scores the real defect in its gate."""
     from tuner import app as tuner_app
     from tuner.settings import TunerSettings
 
@@ -147,12 +148,26 @@ def test_console_shows_the_overlay_live_and_false_alarm_feedback_reaches_the_tun
         assert 'hpad_console_feedback_total{verdict="false_alarm"} 1.0' in text
         assert 'hpad_console_feedback_refused_total{reason="bad_token"} 2.0' in text
 
-    feedback = read_all(kafka_broker, topics["feedback"], expected=1, timeout=20)
-    assert len(feedback) == 1 and feedback[0].key == b"cam-1"
-    record = json.loads(feedback[0].value)
+        # a second anomaly, confirmed as a real defect from its own page (where alerts link)
+        defect = make_frame(rng, "cam-1", "widget", defect=True)
+        publish(kafka_broker.bootstrap, frame_and_event(topics, defect, event_for(defect, score=0.88, prompt_version=1,
+                                                                                  offset=7)))
+        page.wait_for_selector(f"figure.anomaly[data-frame-id='{defect.frame_id}'] img", timeout=5000)
+        frame_page = browser.new_page()
+        frame_page.goto(f"{console.url}/frame/{defect.frame_id}")
+        frame_page.fill("#token", TOKEN.split(":", 1)[1])  # the token lives in the tab's sessionStorage
+        frame_page.click(".frame-page button.real_defect")
+        wait_for(lambda: "recorded by alice" in frame_page.inner_text(".frame-page .verdict"), timeout=10,
+                 what="real defect acknowledged on the frame page")
+        frame_page.close()
+
+    records = [json.loads(r.value) for r in read_all(kafka_broker, topics["feedback"], expected=2, timeout=20)]
+    assert sorted(r["verdict"] for r in records) == ["false_alarm", "real_defect"]
+    record = next(r for r in records if r["verdict"] == "false_alarm")
     validator = jsonschema.Draft202012Validator(json.loads((SCHEMAS / "feedback.schema.json").read_text()),
                                                 format_checker=jsonschema.FormatChecker())
-    validator.validate(record)
+    for r in records:
+        validator.validate(r)
     assert {k: record[k] for k in ("frame_id", "camera_id", "category", "prompt_version", "score", "captured_at")} \
         == {k: event[k] for k in ("frame_id", "camera_id", "category", "prompt_version", "score", "captured_at")}
     assert (record["verdict"], record["operator"], record["note"]) == ("false_alarm", "alice", "reflection on the label")
@@ -182,9 +197,16 @@ def test_console_shows_the_overlay_live_and_false_alarm_feedback_reaches_the_tun
     print(f"tuner run: {report.outcome} ({report.reason}); normals {report.normals}; feedback {report.feedback}")
     assert report.outcome in ("published", "rejected")  # random weights: either is a finished run
     assert report.normals == 6 and report.feedback["false_alarms"] == [bad.frame_id]
+    assert report.feedback["real_defects"] == [defect.frame_id] and report.feedback["defects"] == 1
+    assert report.feedback["threshold"] <= report.feedback["threshold_calibrated"]  # defects only lower it
+    if report.outcome == "published":  # the artifact says what feedback did
+        manifest = tuner.current_version("widget").manifest
+        assert manifest["gate"]["feedback"]["defects"] == 1
+        assert manifest["threshold"] == pytest.approx(report.feedback["threshold"])
     exposition = tuner.metrics.exposition().decode()
     assert 'hpad_tuner_feedback_received_total{category="widget",verdict="false_alarm"} 1.0' in exposition
     assert 'hpad_tuner_feedback_used{category="widget",verdict="false_alarm"} 1.0' in exposition
+    assert 'hpad_tuner_feedback_used{category="widget",verdict="real_defect"} 1.0' in exposition
 
 
 @pytest.mark.kafka
