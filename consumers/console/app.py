@@ -266,9 +266,9 @@ class Console(Stoppable):
 
     def overlay(self, frame_id: str, size: str, with_mask: bool) -> bytes | None:
         entry = self.store.get(frame_id)
-        if entry is None:
+        if entry is None or entry.event is None:  # only frames a worker scored (and so size-checked) are drawn
             return None
-        key = f"{size}:{int(with_mask)}:{int(entry.event is not None)}"
+        key = f"{size}:{int(with_mask)}"
         cached = entry.cache.get(key)
         if cached is not None:
             return cached
@@ -402,7 +402,7 @@ def build_app(console: Console):  # -> Starlette
         except FrameError as exc:
             return PlainTextResponse(f"the frame cannot be rendered: {exc}\n", status_code=422)
         if data is None:
-            return PlainTextResponse("frame not in memory\n", status_code=404)
+            return PlainTextResponse("frame not in memory (or not scored yet)\n", status_code=404)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=60"})
 
     def frame(request: Request) -> Response:
