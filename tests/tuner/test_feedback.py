@@ -126,15 +126,14 @@ def test_a_run_scores_confirmed_defects_in_the_gate_and_lowers_the_threshold_wit
     config = TuneConfig(shots=2, min_normals=6, gate_normals=3, gate_anomalies=4, margin=0.9, train=train,
                         max_threshold_drop=1.0)
     current = tiny_scorer.zero_shot_prompts("widget")
-    plain = tune_category(tiny_scorer, "widget", normals, current, config, seed=1)
     fed = tune_category(tiny_scorer, "widget", normals, current, config, seed=1, defects=defects)
-    calibrated = plain.result.prompts.threshold
-    scores, _ = score_pool(tiny_scorer, encode_defects(tiny_scorer, defects), plain.result.prompts)
+    calibrated = fed.result.metrics.calibration.threshold  # what calibration on normals + OAGM gave
+    assert fed.feedback["threshold_calibrated"] == pytest.approx(calibrated)
+    scores, _ = score_pool(tiny_scorer, encode_defects(tiny_scorer, defects), fed.result.prompts)  # same ctx
     print(f"calibrated threshold {calibrated:.4f}; confirmed defects scored {np.round(scores, 4).tolist()}")
     assert scores.min() < calibrated, "this seed must give a defect the calibrated threshold misses"
-    assert fed.feedback["threshold_calibrated"] == pytest.approx(calibrated)
     assert fed.result.prompts.threshold == pytest.approx(scores.min()) and fed.feedback["defect_recall"] == 1.0
-    assert fed.splits["real_defects"] == 3 and fed.splits["gate_anomalies"] == plain.splits["gate_anomalies"] + 3
+    assert fed.splits["real_defects"] == 3 and fed.splits["gate_anomalies"] == config.gate_anomalies + 3
     bounded = tune_category(tiny_scorer, "widget", normals, current, replace(config, max_threshold_drop=1e-4),
                             seed=1, defects=defects)
     assert bounded.result.prompts.threshold == pytest.approx(max(calibrated - 1e-4, scores.min()))
