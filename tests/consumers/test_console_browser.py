@@ -274,9 +274,8 @@ def test_the_overlay_of_a_real_workers_event_is_exactly_its_mask(kafka_broker, t
         jsonschema.validate(event, json.loads((SCHEMAS / "event.schema.json").read_text()))
         mask = decode_mask_png(base64.b64decode(event["mask"]["data"]))
         assert mask.shape == (120, 160) and int(mask.sum()) == event["mask"]["anomalous_pixels"]
-        full_jpeg = http_get(f"{console.url}/api/overlay/full/{frame.frame_id}")[1]
-        (screenshot_dir(tmp_path) / "7-real-worker-overlay.jpg").write_bytes(full_jpeg)
-        full = decode_jpeg(full_jpeg)
+        full = decode_jpeg(http_get(f"{console.url}/api/overlay/full/{frame.frame_id}")[1])
+        cv2.imwrite(str(screenshot_dir(tmp_path) / "7-real-worker-overlay.png"), full)
         bare = decode_jpeg(http_get(f"{console.url}/api/overlay/full/{frame.frame_id}?mask=0")[1])
     changed = np.abs(full.astype(np.int16) - bare.astype(np.int16)).max(axis=2) > 40
     print(f"worker mask: {mask.sum()} of {mask.size} pixels (random weights); overlay changed {changed.sum()}")
