@@ -29,4 +29,8 @@ The scoring worker (``hpad serve``):
 Tools: `camera` (``hpad camera``; with `sources`, `capture`, `cameras_file`, `camera_metrics`), `broker` (embedded tansu), `apache_kafka` (Apache Kafka KRaft launcher for tests
 and development), `demo` (``make demo``), `docs` (generated
 tables of README.md).
+
+The operator console (``hpad console``): `console/` - `store` (frames and events joined by frame id in
+bounded memory), `render` (mask overlays), `feedback` (the ``hpad.feedback`` record), `app` (reader thread,
+Starlette app, process), `static/` (the page).
 """

@@ -14,6 +14,9 @@ from pathlib import Path
 
 from consumers.camera_metrics import CameraMetrics
 from consumers.cameras_file import CameraSpec
+from consumers.console.metrics import ConsoleMetrics
+from consumers.console.settings import ConsoleSettings
+from consumers.console.store import DROP_REASONS as CONSOLE_DROP_REASONS
 from consumers.contract import REASONS
 from consumers.metrics import WorkerMetrics
 from consumers.settings import CameraSettings, KafkaSettings, WorkerSettings, settings_table
@@ -63,6 +66,10 @@ def generated_blocks() -> dict[str, str]:
         "camera-metrics": metrics_table(CameraMetrics()),
         "camera-spec": spec_table(),
         "reasons": reasons_table(),
+        "console-settings": settings_table(ConsoleSettings, fields=own_fields(ConsoleSettings, KafkaSettings)),
+        "console-metrics": metrics_table(ConsoleMetrics()),
+        "console-drops": "\n".join(["| `reason` | meaning |", "|---|---|"]
+                                    + [f"| `{k}` | {v} |" for k, v in CONSOLE_DROP_REASONS.items()]),
     }
 
 

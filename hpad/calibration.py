@@ -76,3 +76,17 @@ def calibrate_thresholds(
         n_normal=int((~labels).sum()),
         n_anomalous=int(labels.sum()),
     )
+
+
+def lower_threshold_for_defects(threshold: float, defect_scores: np.ndarray, max_drop: float) -> float:
+    """Operator-confirmed defects may only lower the image threshold (fewer false negatives), and by at most
+    ``max_drop``: the lowest confirmed defect's score when it falls below ``threshold`` (so it is caught,
+    ``score >= threshold``), but never below ``threshold - max_drop``. Never raises the threshold."""
+    scores = np.asarray(defect_scores, dtype=np.float64)
+    scores = scores[np.isfinite(scores)]
+    if max_drop <= 0 or scores.size == 0:
+        return float(threshold)
+    missed = scores[scores < threshold]
+    if missed.size == 0:
+        return float(threshold)
+    return float(max(threshold - max_drop, missed.min()))

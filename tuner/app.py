@@ -53,6 +53,7 @@ from hpad.errors import ConfigError, FrameError, HpadError
 from hpad.io import atomic_write_text
 from hpad.mpts import Pool
 from hpad.scorer import Scorer
+from tuner.feedback import FeedbackStore, admit_defects, admit_false_alarms, parse_feedback
 from tuner.job import TuneOutcome, candidate_artifact, encode_labelled, tune_category
 from tuner.metrics import TunerMetrics
 from tuner.registry import PromptRegistry, RegistryError
@@ -159,6 +160,8 @@ class RunReport:
     version: int | None = None
     current: dict[str, float] = field(default_factory=dict)
     candidate: dict[str, float] = field(default_factory=dict)
+    normals: int = 0  # normals the run used (verified + admitted false alarms + scorer samples)
+    feedback: dict[str, object] = field(default_factory=dict)  # what operator feedback contributed
 
 
 class Tuner(Stoppable):
@@ -178,6 +181,7 @@ class Tuner(Stoppable):
         self.health = health or Health(settings.liveness_timeout_ms / 1000)
         self.health.model_loaded = True
         self.limits = Limits(settings.max_payload_bytes, settings.max_pixels)
+        self.feedback = FeedbackStore(Path(settings.reservoir_dir), settings.feedback_kept)
         self.state_path = Path(settings.reservoir_dir) / STATE_FILE
         self.states = load_state(self.state_path)
         self.publishing = threading.Event()
@@ -222,9 +226,11 @@ class Tuner(Stoppable):
     def _connect(self) -> KafkaConsumer | None:
         try:
             consumer = self._consumer_factory()
-            consumer.subscribe([self.settings.normals_topic])
-            self._metadata_watch = kafka_io.MetadataWatch(consumer, [self.settings.normals_topic])
-            log.info("tuner consuming %s as group %s; categories %s; reservoir %s", self.settings.normals_topic,
+            topics = [self.settings.normals_topic] + ([self.settings.feedback_topic] if self.settings.feedback_topic
+                                                       else [])
+            consumer.subscribe(topics)
+            self._metadata_watch = kafka_io.MetadataWatch(consumer, topics)
+            log.info("tuner consuming %s as group %s; categories %s; reservoir %s", ", ".join(topics),
                      self.settings.group_id, ",".join(self.settings.categories), self.settings.reservoir_dir)
             return consumer
         except KafkaError as exc:
@@ -274,6 +280,8 @@ class Tuner(Stoppable):
 
     def ingest(self, record) -> str:
         """Check, decode and store one normals record; returns ``stored`` or the drop reason."""
+        if self.settings.feedback_topic and record.topic == self.settings.feedback_topic:
+            return self.ingest_feedback(record)
         try:
             value = check_payload_size(record.value, self.limits)
             meta = parse_frame_headers(record.headers, record.key)
@@ -297,6 +305,43 @@ class Tuner(Stoppable):
         self.metrics.samples.labels(category=meta.category, pool="verified" if verified else "recent").inc()
         return "stored"
 
+    def ingest_feedback(self, record) -> str:
+        """One operator verdict (`tuner.feedback`): the frame is checked with the frame contract and stored."""
+        try:
+            fields, meta, value = parse_feedback(record.value)
+            value = check_payload_size(value, self.limits)
+            if meta.category not in self.settings.categories:
+                raise FrameError("unknown_category", f"category {meta.category!r} is not tuned here")
+            pixels = decode_frame(meta, value, inspect_frame(meta, value, self.limits))
+        except FrameError as exc:
+            reason = "bad_feedback" if exc.reason == "bad_feedback" else drop_reason(exc)
+            self.metrics.dropped.labels(reason=reason).inc()
+            log.warning("feedback record %s@%d dropped: %s", record.topic, record.offset, exc)
+            return reason
+        try:
+            self.feedback.add(fields, pixels)
+        except (ReservoirWriteError, HpadError) as exc:
+            self.metrics.write_errors.inc()
+            self.metrics.dropped.labels(reason="write_error").inc()
+            log.error("feedback write failed (%s); the verdict is skipped", exc)
+            return "write_error"
+        if fields["verdict"] == "false_alarm":
+            self.states[meta.category].since += 1  # counts towards the next run like any new normal
+        self.metrics.feedback.labels(category=meta.category, verdict=fields["verdict"]).inc()
+        log.info("feedback %s on %s (camera %s) by %s stored", fields["verdict"], meta.frame_id, meta.camera_id,
+                 fields["operator"])
+        return "stored"
+
+    def feedback_for_run(self, category: str, others: int) -> tuple[list, list, dict[str, int]]:
+        """(admitted false alarms, admitted defects, held back per verdict) under the per-operator caps."""
+        s = self.settings
+        alarms = self.feedback.samples(category, "false_alarm")[::-1]
+        defects = self.feedback.samples(category, "real_defect")[::-1]
+        admitted = admit_false_alarms(alarms, others, s.feedback_max_share)
+        confirmed = admit_defects(defects, s.feedback_max_defects)
+        return admitted, confirmed, {"false_alarm": len(alarms) - len(admitted),
+                                     "real_defect": len(defects) - len(confirmed)}
+
     def _update_reservoir_metrics(self) -> None:
         for category in self.settings.categories:
             for pool in ("recent", "verified"):
@@ -309,6 +354,7 @@ class Tuner(Stoppable):
         s, now = self.settings, time.time()
         for category in s.categories:
             normals = len(self.reservoir.samples(category))
+            normals += len(self.feedback_for_run(category, normals)[0])
             reason = due_reason(self.states[category], now, normals, interval_s=s.interval_s,
                                 new_samples=s.new_samples, min_gap_s=s.min_gap_s, retry_s=s.retry_s,
                                 min_normals=s.min_normals)
@@ -373,8 +419,8 @@ class Tuner(Stoppable):
             m.last_publish.labels(category=report.category).set(now)
             m.version.labels(category=report.category).set(report.version)
         self.reports.append(report)
-        log.info("tuning run for %s: %s (%s) in %.1f s", report.category, report.outcome, report.reason,
-                 report.seconds)
+        log.info("tuning run for %s: %s (%s) in %.1f s; %d normals; feedback %s", report.category, report.outcome,
+                 report.reason, report.seconds, report.normals, report.feedback)
 
     def current_version(self, category: str) -> PromptArtifact | None:
         rows = self.registry.history(category)
@@ -389,12 +435,21 @@ class Tuner(Stoppable):
         """One run: normals -> candidate -> gate -> publish (or not). Runs on the run thread."""
         start = time.monotonic()
         s = self.settings
-        refs = self.reservoir.samples(category, "verified")[::-1] + self.reservoir.samples(category, "recent")[::-1]
-        normals = self.reservoir.load(refs)
+        verified = self.reservoir.samples(category, "verified")[::-1]
+        recent = self.reservoir.samples(category, "recent")[::-1]
+        alarms, confirmed, held = self.feedback_for_run(category, len(verified) + len(recent))
+        # false alarms join the verified pool: after the verified frames, before the scorers' samples
+        normals = self.reservoir.load(verified) + self.feedback.load(alarms) + self.reservoir.load(recent)
+        defects = self.feedback.load(confirmed)
+        feedback = {"false_alarms": [r.frame_id for r in alarms], "real_defects": [r.frame_id for r in confirmed],
+                    "held_back": held}
+        for verdict, used in (("false_alarm", len(alarms)), ("real_defect", len(confirmed))):
+            self.metrics.feedback_used.labels(category=category, verdict=verdict).set(used)
+            self.metrics.feedback_held.labels(category=category, verdict=verdict).set(held[verdict])
         config = s.tune_config()
         if len(normals) < config.min_normals:
             return RunReport(category, "skipped", f"{len(normals)} readable normals < {config.min_normals}",
-                             time.monotonic() - start)
+                             time.monotonic() - start, normals=len(normals), feedback=feedback)
         current_artifact = self.current_version(category)
         if current_artifact is not None:
             current = self.scorer.check_prompts(current_artifact.prompts)
@@ -402,11 +457,13 @@ class Tuner(Stoppable):
             current = self.scorer.zero_shot_prompts(category)
         labelled = self._labelled(category)
         seed = s.train_seed + self.states[category].runs
-        outcome = tune_category(self.scorer, category, normals, current, config, current_artifact, labelled, seed)
+        outcome = tune_category(self.scorer, category, normals, current, config, current_artifact, labelled, seed,
+                                defects=defects)
+        feedback.update(outcome.feedback)
         d = outcome.decision
         if not d.publish:
             return RunReport(category, "rejected", d.reason, time.monotonic() - start, None, d.current.to_json(),
-                             d.candidate.to_json())
+                             d.candidate.to_json(), len(normals), feedback)
         artifact = self._artifact(outcome, current, seed)
         if self.stop_event.is_set():  # stopping: publish nothing that nobody will record
             return RunReport(category, "failed", "stopped before publishing", time.monotonic() - start)
@@ -416,7 +473,7 @@ class Tuner(Stoppable):
         finally:
             self.publishing.clear()
         return RunReport(category, "published", d.reason, time.monotonic() - start, published.version,
-                         d.current.to_json(), d.candidate.to_json())
+                         d.current.to_json(), d.candidate.to_json(), len(normals), feedback)
 
     def _labelled(self, category: str) -> Pool | None:
         images, masks = load_labelled(self.settings.labelled_dir, category)

@@ -9,6 +9,10 @@ Splits (disjoint, newest frames favoured for training):
 * ``gate`` - normals never seen by training, plus fresh OAGM anomalies from a seed training never uses, plus
   any labelled anomalies operators provide. Both the current prompts and the candidate are scored on this
   pool exactly as the service scores (few-shot memory included).
+* ``defects`` - frames operators confirmed as real defects (``hpad console`` feedback, `tuner.feedback`):
+  scored beside the gate's anomalies at image level (they carry no pixel mask, so pixel AUROC stays on the
+  OAGM and labelled masks), and they may lower the candidate's threshold by at most
+  ``max_threshold_drop`` so that they are caught (`hpad.calibration.lower_threshold_for_defects`).
 
 The gate (`gate`) publishes only when every number is finite and the candidate's gate score (mean of image
 and pixel AUROC, or image AUROC alone when no pixel labels exist) is not worse than the current version's
@@ -25,9 +29,18 @@ import numpy as np
 import torch
 
 from hpad.artifact import PromptArtifact
+from hpad.calibration import lower_threshold_for_defects
 from hpad.errors import ConfigError
-from hpad.metrics import PoolMetrics
-from hpad.mpts import Pool, TrainConfig, TrainResult, build_pool, evaluate_as_served, pool_on_device
+from hpad.metrics import PoolMetrics, image_auroc, pixel_auroc
+from hpad.mpts import (
+    Pool,
+    TrainConfig,
+    TrainResult,
+    build_pool,
+    evaluate_as_served,
+    pool_on_device,
+    score_pool,
+)
 from hpad.oagm import object_masks
 from hpad.prompts import PromptSet
 from hpad.scorer import Scorer
@@ -42,6 +55,7 @@ class TuneConfig:
     gate_anomalies: int = 32
     margin: float = 0.02
     train: TrainConfig = field(default_factory=TrainConfig)
+    max_threshold_drop: float = 0.05  # confirmed defects lower the threshold by at most this
 
     def __post_init__(self) -> None:
         if self.shots < 1 or self.gate_normals < 1 or self.gate_anomalies < 1:
@@ -68,6 +82,7 @@ class TuneOutcome:
     result: TrainResult
     decision: GateDecision
     splits: dict[str, int]
+    feedback: dict[str, object] = field(default_factory=dict)
 
 
 def gate_score(metrics: PoolMetrics) -> float:
@@ -132,8 +147,10 @@ def tune_category(
     current_artifact: PromptArtifact | None = None,
     labelled: Pool | None = None,
     seed: int = 0,
+    defects: Sequence[np.ndarray] = (),
 ) -> TuneOutcome:
-    """Train a candidate from ``normals`` (newest first) and judge it against ``current`` on the gate pool."""
+    """Train a candidate from ``normals`` (newest first) and judge it against ``current`` on the gate pool
+    (plus operator-confirmed ``defects``, image level)."""
     splits = split_normals(len(normals), config.shots, config.gate_normals)
     train_frames = [normals[i] for i in splits["train"]]
     early = [normals[i] for i in splits["early_stop"]]
@@ -149,16 +166,50 @@ def tune_category(
     gate_pool = build_pool(scorer, rng, train_frames, regions, 0, config.gate_anomalies, train_config.oagm,
                            extra_normals=gate_frames)
     gate_pool = _with_labelled(gate_pool, labelled)
-    candidate_metrics = evaluate_as_served(scorer, gate_pool, result.prompts)
-    current_metrics = evaluate_as_served(scorer, gate_pool, current)
+    feedback: dict[str, object] = {}
+    if defects:
+        defect_pool = encode_defects(scorer, defects)
+        before = float(result.prompts.threshold)
+        defect_scores, _ = score_pool(scorer, defect_pool, result.prompts)
+        lowered = lower_threshold_for_defects(before, defect_scores, config.max_threshold_drop)
+        result.prompts = replace(result.prompts, threshold=lowered)
+        candidate_metrics = evaluate_with_defects(scorer, gate_pool, defect_pool, result.prompts)
+        current_metrics = evaluate_with_defects(scorer, gate_pool, defect_pool, current)
+        feedback = {"defects": len(defects), "threshold_calibrated": before, "threshold": lowered,
+                    "max_threshold_drop": config.max_threshold_drop,
+                    "defect_recall": float(np.mean(defect_scores >= lowered))}
+    else:
+        candidate_metrics = evaluate_as_served(scorer, gate_pool, result.prompts)
+        current_metrics = evaluate_as_served(scorer, gate_pool, current)
     decision = gate(current_metrics, candidate_metrics, config.margin)
     counts = {name: len(idx) for name, idx in splits.items()}
-    counts["gate_anomalies"] = config.gate_anomalies + (len(labelled) if labelled is not None else 0)
-    return TuneOutcome(result, decision, counts)
+    counts["gate_anomalies"] = config.gate_anomalies + (len(labelled) if labelled is not None else 0) + len(defects)
+    if defects:
+        counts["real_defects"] = len(defects)
+    return TuneOutcome(result, decision, counts, feedback)
+
+
+def encode_defects(scorer: Scorer, images: Sequence[np.ndarray]) -> Pool:
+    """Operator-confirmed defects as an anomalous pool without pixel labels (all-zero masks, never used)."""
+    size = scorer.backbone.image_size
+    return pool_on_device(scorer, images, torch.ones(len(images), dtype=torch.long),
+                          torch.zeros(len(images), *size), ["operator"] * len(images))
+
+
+def evaluate_with_defects(scorer: Scorer, pool: Pool, defects: Pool, prompts: PromptSet) -> PoolMetrics:
+    """The gate's metrics with confirmed defects beside the pool's anomalies: image AUROC over both,
+    pixel AUROC over the pool's masks only (defects have none)."""
+    scores, maps = score_pool(scorer, pool, prompts)
+    defect_scores, _ = score_pool(scorer, defects, prompts)
+    labels = np.concatenate([pool.labels.cpu().numpy(), defects.labels.cpu().numpy()])
+    return PoolMetrics(image_AUROC=image_auroc(labels, np.concatenate([scores, defect_scores])),
+                       pixel_AUROC=pixel_auroc(pool.masks.cpu().numpy() > 0.5, maps))
 
 
 def candidate_artifact(outcome: TuneOutcome, *, k: int, image_size: tuple[int, int], warm_start_from: int) -> bytes:
     """The candidate's prompt artifact (`hpad.training` manifest) with the gate's record and the warm start."""
     gate_record = {**outcome.decision.to_json(), "splits": outcome.splits}
+    if outcome.feedback:
+        gate_record["feedback"] = outcome.feedback
     return build_artifact(outcome.result, k=k, image_size=image_size,
                           extra={"gate": gate_record, "tuned_by": "hpad tune", "warm_start_from": warm_start_from})

@@ -16,7 +16,8 @@ from consumers.metrics import sample_names as _sample_names
 
 RUN_OUTCOMES = ("published", "rejected", "failed", "skipped")
 RUN_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
-SAMPLE_DROP_REASONS = ("undecodable", "unknown_category", "bad_header", "too_large", "write_error")
+SAMPLE_DROP_REASONS = ("undecodable", "unknown_category", "bad_header", "too_large", "write_error", "bad_feedback")
+FEEDBACK_VERDICTS = ("false_alarm", "real_defect")
 
 
 class TunerMetrics:
@@ -49,6 +50,13 @@ class TunerMetrics:
                              "category", ["category"], registry=r)
         self.heartbeat = Gauge("hpad_tuner_main_loop_heartbeat_timestamp_seconds", "Unix time of the tuner main "
                                "loop's last iteration", registry=r)
+        self.feedback = Counter("hpad_tuner_feedback_received", "Operator feedback frames stored (hpad console), "
+                                "by verdict", ["category", "verdict"], registry=r)
+        self.feedback_used = Gauge("hpad_tuner_feedback_used", "Feedback frames the last run used, by verdict "
+                                   "(false alarms as normals, real defects in the gate)", ["category", "verdict"],
+                                   registry=r)
+        self.feedback_held = Gauge("hpad_tuner_feedback_held_back", "Feedback frames the last run left out by "
+                                   "the per-operator cap, by verdict", ["category", "verdict"], registry=r)
         for reason in SAMPLE_DROP_REASONS:
             self.dropped.labels(reason=reason)
 

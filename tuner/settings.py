@@ -47,6 +47,17 @@ class TunerSettings(ModelSettings):
     max_pixels: int = Field(40_000_000, ge=1, description="normals with more pixels are dropped")
     labelled_dir: Path | None = Field(
         None, description="optional labelled anomalies for the gate: <dir>/<category>/<name>.png + <name>_mask.png")
+    # operator feedback (hpad console): see tuner/feedback.py
+    feedback_topic: str | None = Field(
+        "hpad.feedback", description="topic of operator feedback records from hpad console (empty = off)")
+    feedback_kept: int = Field(64, ge=1, description="feedback frames kept per category and verdict (oldest deleted first)")
+    feedback_max_share: float = Field(
+        0.25, ge=0, le=1, description="cap: false alarms admitted per camera and operator, as a share of the run's "
+        "other normals (floor; 0 = ignore false alarms)")
+    feedback_max_defects: int = Field(
+        8, ge=0, description="cap: confirmed real defects admitted per camera and operator in one run")
+    feedback_max_threshold_drop: float = Field(
+        0.05, ge=0, le=1, description="confirmed defects may lower a candidate's threshold by at most this (never raise it)")
     # schedule
     interval_s: float = Field(3600.0, ge=0, description="re-tune each category this often (0 = only on new samples)")
     new_samples: int = Field(32, ge=0, description="re-tune a category after this many new normals (0 = only on the interval)")
@@ -77,8 +88,15 @@ class TunerSettings(ModelSettings):
 
     _split_categories = field_validator("categories", mode="before")(split_csv)
 
+    @field_validator("feedback_topic", mode="before")
+    @classmethod
+    def _empty_is_off(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @model_validator(mode="after")
     def _check_tuner(self) -> TunerSettings:
+        if self.feedback_topic in (self.normals_topic, self.prompts_topic):
+            raise ValueError("HPAD_FEEDBACK_TOPIC must differ from HPAD_NORMALS_TOPIC and HPAD_PROMPTS_TOPIC")
         if not self.categories:
             raise ValueError("at least one category is needed, e.g. HPAD_CATEGORIES=bottle")
         if self.normals_topic == self.prompts_topic:
@@ -100,4 +118,5 @@ class TunerSettings(ModelSettings):
                             lr=self.lr, patience=self.patience, n_ctx=self.n_ctx, mpts=self.mpts, lam=self.lam,
                             oagm=OAGMConfig(on_object=self.oagm_on_object))
         return TuneConfig(shots=self.shots, min_normals=self.min_normals, gate_normals=self.gate_normals,
-                          gate_anomalies=self.gate_anomalies, margin=self.margin, train=train)
+                          gate_anomalies=self.gate_anomalies, margin=self.margin, train=train,
+                          max_threshold_drop=self.feedback_max_threshold_drop)

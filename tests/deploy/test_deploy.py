@@ -106,10 +106,12 @@ def container_env(objs: list[dict[str, Any]], container: dict[str, Any]) -> dict
 
 
 def settings_class(container_name: str):
+    from consumers.console.settings import ConsoleSettings
     from consumers.settings import KafkaSettings, WorkerSettings
     from tuner.settings import TunerSettings
 
-    return {"scorer": WorkerSettings, "tuner": TunerSettings, "topics": KafkaSettings}[container_name]
+    return {"scorer": WorkerSettings, "tuner": TunerSettings, "topics": KafkaSettings,
+            "console": ConsoleSettings}[container_name]
 
 
 # ------------------------------------------------------------------------------------------ tools
@@ -596,7 +598,8 @@ def test_explicitly_enabled_crd_objects_fail_without_their_api(kind, values):
 
 def test_kafkatopics_for_strimzi(rendered):
     topics = {t["spec"]["topicName"]: t for t in by_kind(rendered["full"], "KafkaTopic")}
-    assert set(topics) == {"hpad.frames", "hpad.events", "hpad.frames.dlq", "hpad.normals", "hpad.prompts"}
+    assert set(topics) == {"hpad.frames", "hpad.events", "hpad.frames.dlq", "hpad.normals", "hpad.prompts",
+                           "hpad.feedback"}
     for topic in topics.values():
         assert topic["metadata"]["labels"]["strimzi.io/cluster"] == "my-cluster"
         assert topic["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
@@ -611,7 +614,7 @@ def test_kafkatopics_for_strimzi(rendered):
 
 def test_topics_job_creates_the_topics_on_a_real_broker(rendered, kafka_broker, tmp_path):
     """Run the hook Job's script, as rendered into its ConfigMap, with the Job's environment, against the
-    embedded broker: the five topics appear with their partitions; a second run changes nothing."""
+    embedded broker: the six topics appear with their partitions; a second run changes nothing."""
     from kafka.admin import KafkaAdminClient
 
     objs = rendered["values-demo.yaml"]
@@ -636,7 +639,7 @@ def test_topics_job_creates_the_topics_on_a_real_broker(rendered, kafka_broker, 
     command = [sys.executable, str(tmp_path / "create_topics.py"), str(tmp_path / "topics.json")]
     first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.count("created ") == 5, first.stdout
+    assert first.stdout.count("created ") == len(spec) == 6, first.stdout
     admin = KafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap, client_id="deploy-test")
     try:
         described = {t["name"]: len(t["partitions"]) for t in admin.describe_topics([t["name"] for t in spec])}
@@ -644,7 +647,7 @@ def test_topics_job_creates_the_topics_on_a_real_broker(rendered, kafka_broker, 
         admin.close()
     assert described == {t["name"]: t["partitions"] for t in spec}
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
-    assert second.returncode == 0 and second.stdout.count("exists ") == 5, second.stdout + second.stderr
+    assert second.returncode == 0 and second.stdout.count("exists ") == 6, second.stdout + second.stderr
 
 
 # ------------------------------------------------------------------------------------------ entrypoint and image
@@ -656,8 +659,8 @@ def test_chart_commands_are_hpad_commands(rendered):
     from hpad.cli import main, service_commands
 
     args = {c["name"]: c.get("args") for case in CASES for _, _, c in containers(rendered[case])}
-    assert args["scorer"] == ["serve"] and args["tuner"] == ["tune"]
-    assert {"serve", "tune"} <= set(service_commands())
+    assert args["scorer"] == ["serve"] and args["tuner"] == ["tune"] and args["console"] == ["console"]
+    assert {"serve", "tune", "console"} <= set(service_commands())
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as done:
         main(["serve", "--help"])
@@ -886,11 +889,12 @@ def test_chart_readme_documents_every_value():
 
 
 def test_deploy_readme_names_only_real_settings():
+    from consumers.console.settings import ConsoleSettings
     from consumers.settings import WorkerSettings
     from tuner.settings import TunerSettings
 
     text = (DEPLOY / "README.md").read_text() + (CHART / "README.md").read_text()
-    fields = set(WorkerSettings.model_fields) | set(TunerSettings.model_fields)
+    fields = set(WorkerSettings.model_fields) | set(TunerSettings.model_fields) | set(ConsoleSettings.model_fields)
     named = set(re.findall(r"HPAD_([A-Z0-9_]+)", text))
     assert len(named) > 25
     assert not {n for n in named if n.lower() not in fields}, {n for n in named if n.lower() not in fields}
@@ -909,3 +913,25 @@ def test_values_schema_is_valid_draft7_and_accepts_every_example():
             chart.validate_schema(chart.merge_values(load_values(name)))
     finally:
         chart.close()
+
+
+def test_console_is_off_by_default_and_reads_its_token_from_a_secret(rendered):
+    assert not [o for o in rendered["defaults"] if o["metadata"]["name"].endswith("-console")]
+    objs = rendered["values-console.yaml"]
+    deployment = one(objs, "Deployment", "-console")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HPAD_CONSOLE_FEEDBACK_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hpad-console-tokens",
+                                                                              "key": "tokens"}
+    data = one(objs, "ConfigMap", "-console")["data"]
+    assert data["HPAD_CONSOLE_HOST"] == "0.0.0.0" and data["HPAD_FEEDBACK_TOPIC"] == "hpad.feedback"
+    assert data["HPAD_INPUT_TOPIC"] == "hpad.frames" and data["HPAD_EVENTS_TOPIC"] == "hpad.events"
+    assert one(objs, "ConfigMap", "-tuner")["data"]["HPAD_FEEDBACK_TOPIC"] == data["HPAD_FEEDBACK_TOPIC"]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": 8080, "metrics": 9402}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    service = one(objs, "Service", "-console")
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"http": 8080, "metrics": 9402}
+    read_only = objects(render({"console": {"enabled": True}}))
+    container = one(read_only, "Deployment", "-console")["spec"]["template"]["spec"]["containers"][0]
+    assert "HPAD_CONSOLE_FEEDBACK_TOKEN" not in {e["name"] for e in container["env"]}
