@@ -106,10 +106,12 @@ def container_env(objs: list[dict[str, Any]], container: dict[str, Any]) -> dict
 
 
 def settings_class(container_name: str):
+    from consumers.alerts.settings import AlertsSettings
     from consumers.settings import KafkaSettings, WorkerSettings
     from tuner.settings import TunerSettings
 
-    return {"scorer": WorkerSettings, "tuner": TunerSettings, "topics": KafkaSettings}[container_name]
+    return {"scorer": WorkerSettings, "tuner": TunerSettings, "topics": KafkaSettings,
+            "alerts": AlertsSettings}[container_name]
 
 
 # ------------------------------------------------------------------------------------------ tools
@@ -886,11 +888,12 @@ def test_chart_readme_documents_every_value():
 
 
 def test_deploy_readme_names_only_real_settings():
+    from consumers.alerts.settings import AlertsSettings
     from consumers.settings import WorkerSettings
     from tuner.settings import TunerSettings
 
     text = (DEPLOY / "README.md").read_text() + (CHART / "README.md").read_text()
-    fields = set(WorkerSettings.model_fields) | set(TunerSettings.model_fields)
+    fields = set(WorkerSettings.model_fields) | set(TunerSettings.model_fields) | set(AlertsSettings.model_fields)
     named = set(re.findall(r"HPAD_([A-Z0-9_]+)", text))
     assert len(named) > 25
     assert not {n for n in named if n.lower() not in fields}, {n for n in named if n.lower() not in fields}
