@@ -224,7 +224,8 @@ class AlertService(Stoppable):
                 try:
                     event = parse_event(record.value)
                 except InvalidEventError as exc:
-                    if not replay:
+                    if not replay:  # dead-lettered when it was first read
+                        self.metrics.events.labels(result="invalid").inc()
                         invalid.append((record, exc))
                     continue
                 transition = self.debouncer.feed(tp, event)

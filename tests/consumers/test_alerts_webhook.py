@@ -123,6 +123,7 @@ def test_webhook_retries_dead_letters_and_commits_only_after_the_answer(kafka_br
             port = first.metrics_port
             assert sample(port, "hpad_alerts_dead_letters_total", reason="webhook_failed") == 1
             assert sample(port, "hpad_alerts_dead_letters_total", reason="invalid_event") == 1
+            assert sample(port, "hpad_alerts_events_total", result="invalid") == 1
             assert sample(port, "hpad_alerts_notifications_total", sink="webhook", status="firing") == 2
             assert sample(port, "hpad_alerts_sink_errors_total", sink="webhook") == 6  # 2 + 4 failed attempts
             assert first.stop() == 0  # SIGTERM: clean exit
