@@ -89,8 +89,8 @@ class ManagedProgram:
 class Alertmanager:
     """``prometheus-alertmanager`` on 127.0.0.1; ``notify_url`` gets its webhook notifications (send_resolved)."""
 
-    def __init__(self, root: Path, notify_url: str | None = None) -> None:
-        self.root, self.port = root, free_port()
+    def __init__(self, root: Path, notify_url: str | None = None, port: int | None = None) -> None:
+        self.root, self.port = root, port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         receiver: dict = {"name": "test"}
         if notify_url:
@@ -173,7 +173,7 @@ class Request:
     path: str
     headers: dict[str, str]
     body: bytes
-    status: int  # what the receiver answered
+    status: int  # what the receiver answered (0 while its plan is still deciding)
 
 
 @dataclass
@@ -191,11 +191,11 @@ class WebhookReceiver:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 request = Request(self.path, {k.lower(): v for k, v in self.headers.items()}, body, 0)
-                with receiver._lock:
+                with receiver._lock:  # recorded before the plan runs: a test sees a request the plan holds
                     key = request.headers.get("idempotency-key", self.path)
                     seen = sum(1 for r in receiver.requests if r.headers.get("idempotency-key", r.path) == key)
-                    request.status = receiver.plan(seen + 1, request)
                     receiver.requests.append(request)
+                request.status = receiver.plan(seen + 1, request)
                 self.send_response(request.status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()

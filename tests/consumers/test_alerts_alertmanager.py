@@ -4,9 +4,12 @@
    anomaly of n, one camera's episode does not touch another's, a SIGKILL + restart (state rebuilt from the
    re-read events) sends no duplicate, a prompt hot-swap mid-episode keeps one alert, m normal frames resolve it
    (Alertmanager's own webhook notification says ``resolved``).
-2. Monitoring end to end: a real Prometheus scrapes a running worker, loads deploy/prometheus/hpad-rules.yaml
-   (a copy with every ``for:`` set to 0s: the shipped file is unchanged), and undecodable frames (dead letters)
-   and a corrupt prompt version make HpadDeadLetterRateHigh and HpadPromptVersionsRejected reach the same
+2. Alertmanager down: nothing is committed while its port refuses connections; the alert arrives (and the
+   offsets move) once a real Alertmanager listens there.
+3. Monitoring end to end: a real Prometheus scrapes a running worker and a running tuner, loads
+   deploy/prometheus/hpad-rules.yaml (a copy with every ``for:`` set to 0s: the shipped file is unchanged),
+   and undecodable frames (dead letters), a corrupt prompt version and a reservoir write failure make
+   HpadDeadLetterRateHigh, HpadPromptVersionsRejected and HpadReservoirWriteErrors reach the same
    Alertmanager, read back through its API.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -166,6 +170,50 @@ def test_alertmanager_fires_after_k_of_n_resolves_and_a_restart_sends_no_duplica
             second.stop()
 
 
+def test_nothing_is_committed_while_alertmanager_is_down_and_the_alert_arrives_when_it_is_up(
+        tansu, clean_hpad_env, tmp_path):
+    """`AlertService` in a thread: Alertmanager's port refuses connections, the service retries (capped
+    backoff) and commits nothing; once a real Alertmanager listens there, the alert arrives and the offsets
+    move."""
+    from consumers import kafka_io
+    from consumers.alerts.app import AlertService
+    from consumers.alerts.settings import AlertsSettings, alerts_consumer_kwargs
+    from consumers.settings import producer_kwargs
+    from tests.consumers.alerting_helpers import free_port
+    from tests.consumers.kafka_helpers import FAST_GROUP
+
+    tag = uuid.uuid4().hex[:8]
+    topic, group, camera = f"down-{tag}.events", f"down-{tag}.group", f"cam-{tag}"
+    tansu.create_topic(topic, 1)
+    port = free_port()
+    settings = AlertsSettings(
+        bootstrap_servers=tansu.bootstrap, events_topic=topic, group_id=group, alerts_dlq_topic=f"down-{tag}.dlq",
+        auto_offset_reset="earliest", alerts_alertmanager_url=f"http://127.0.0.1:{port}", alerts_window=3,
+        alerts_min_anomalous=2, alerts_resolve_normals=2, alerts_cooldown_s=0, alerts_retry_backoff_ms=100,
+        alerts_retry_backoff_max_ms=400, metrics_port=-1, **FAST_GROUP)
+    service = AlertService(settings, lambda: kafka_io.make_consumer(alerts_consumer_kwargs(settings)),
+                           lambda: kafka_io.make_producer(producer_kwargs(settings)))
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(service.run(timeout=90, install_signals=False)))
+    start = now()
+    produce(tansu.bootstrap, topic, [(camera, event_bytes(camera, i, True, start + timedelta(seconds=i)), 0)
+                                     for i in range(2)])
+    thread.start()
+    try:
+        wait_until(lambda: service.metrics.sink_errors.labels(sink="alertmanager")._value.get() >= 3, 60,
+                   "Alertmanager retries")
+        assert tansu.committed_offsets(group, topic) == {0: None}
+        with Alertmanager(tmp_path / "late-alertmanager", port=port) as late:
+            wait_until(lambda: tansu.committed_offsets(group, topic) == {0: 2}, 30, "commit after delivery")
+            found = late.alerts(camera=camera)
+            assert len(found) == 1 and found[0]["annotations"]["frame_id"] == f"{camera}-00001"
+            assert service.metrics.notifications.labels(sink="alertmanager", status="firing")._value.get() == 1
+    finally:
+        service.request_stop()
+        thread.join(30)
+    assert result == [0]
+
+
 def _rules_without_for(target: Path) -> Path:
     """A copy of the shipped rules with every ``for:`` at 0s (the shipped file stays unchanged)."""
     document = yaml.safe_load(RULES.read_text())
@@ -180,7 +228,7 @@ def _rules_without_for(target: Path) -> Path:
     return target
 
 
-def test_prometheus_rules_fire_into_alertmanager_from_a_running_worker(
+def test_prometheus_rules_fire_into_alertmanager_from_a_running_worker_and_tuner(
         tansu, alertmanager, tiny_backbone, tmp_path):
     from consumers.app import build_provider
     from consumers.metrics import Health, WorkerMetrics, start_metrics_server
@@ -199,12 +247,35 @@ def test_prometheus_rules_fire_into_alertmanager_from_a_running_worker(
     worker = Worker(settings, scorer, build_provider(settings, scorer, metrics), model_info(scorer, "fp32"),
                     metrics, health)
     thread = WorkerThread(worker).start()
+    # the tuner, with a reservoir whose `recent` pool cannot be created (a file is in the way: the tests run
+    # as root, so permissions would not stop a write)
+    from tuner.app import build_tuner
+    from tuner.metrics import TunerMetrics
+    from tuner.settings import TunerSettings
+
+    reservoir = tmp_path / "reservoir"
+    (reservoir / "widget").mkdir(parents=True)
+    (reservoir / "widget" / "recent").write_text("not a folder")
+    normals = f"{topics.frames}.normals"
+    tansu.create_topic(normals, 1)
+    tuner_settings = TunerSettings(bootstrap_servers=tansu.bootstrap, model="hpad-tiny", random_init=True,
+                                   device="cpu", categories=["widget"], normals_topic=normals, prompts_topic=prompts,
+                                   group_id=f"{topics.group}-tuner", reservoir_dir=reservoir, metrics_port=-1,
+                                   session_timeout_ms=2000, heartbeat_interval_ms=500)
+    tuner_metrics, tuner_health = TunerMetrics(), Health(60)
+    tuner_server = start_metrics_server(tuner_metrics, tuner_health, "127.0.0.1", 0)
+    tuner = build_tuner(tuner_settings, tuner_metrics, tuner_health)
+    tuner_thread = threading.Thread(target=lambda: tuner.run(timeout=120, install_signals=False), daemon=True)
+    tuner_thread.start()
     rules = _rules_without_for(tmp_path / "hpad-rules.yaml")
-    target = f"127.0.0.1:{server.port}"
+    target, tuner_target = f"127.0.0.1:{server.port}", f"127.0.0.1:{tuner_server.port}"
     try:
-        with Prometheus(tmp_path / "prometheus", {"hpad-scorer": [target]}, [rules],
+        with Prometheus(tmp_path / "prometheus", {"hpad-scorer": [target], "hpad-tuner": [tuner_target]}, [rules],
                         alertmanager.url.removeprefix("http://")) as prometheus:
             wait_until(lambda: prometheus.query(f'up{{instance="{target}"}} == 1'), 60, "worker scraped")
+            wait_until(lambda: prometheus.query(f'hpad_tuner_reservoir_write_errors_total{{instance="{tuner_target}"}}'),
+                       60, "tuner scraped")
+            tansu.publish(normals, [good_frame(np.random.default_rng(4))])
             wait_until(lambda: prometheus.query(f'hpad_dead_letters_total{{instance="{target}"}}'), 30,
                        "dead-letter series scraped at 0")
             rng = np.random.default_rng(3)
@@ -229,9 +300,17 @@ def test_prometheus_rules_fire_into_alertmanager_from_a_running_worker(
             rejected = wait_until(lambda: alertmanager.alerts(alertname="HpadPromptVersionsRejected"), 60,
                                   "HpadPromptVersionsRejected in Alertmanager")
             assert rejected[0]["labels"]["reason"] == "invalid"
+            write_errors = wait_until(lambda: alertmanager.alerts(alertname="HpadReservoirWriteErrors"), 60,
+                                      "HpadReservoirWriteErrors in Alertmanager")
+            assert write_errors[0]["labels"]["instance"] == tuner_target
+            assert tuner_metrics.write_errors._value.get() >= 1
             firing = sorted({a["labels"]["alertname"] for a in prometheus.rule_alerts() if a["state"] == "firing"})
             print(f"\nPROMETHEUS -> ALERTMANAGER: rules firing {firing}; Alertmanager has HpadDeadLetterRateHigh"
-                  f" (reason undecodable) and HpadPromptVersionsRejected (reason invalid)")
+                  f" (reason undecodable), HpadPromptVersionsRejected (reason invalid) from the worker and "
+                  f"HpadReservoirWriteErrors from the tuner")
     finally:
+        tuner.request_stop()
+        tuner_thread.join(30)
+        tuner_server.stop()
         thread.stop()
         server.stop()
