@@ -8,6 +8,8 @@ tansu broker, events in the real schema).
 * an unreadable event: a dead letter with reason ``invalid_event``, the stream goes on.
 * SIGTERM, restart (state rebuilt by re-reading), normal frames: one ``resolved`` notification per episode,
   no second ``firing`` (the receiver counts distinct keys).
+* SIGKILL between sending a notification and committing (the receiver kills the process): the next process
+  sends it again with the same body and idempotency key.
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ def test_webhook_retries_dead_letters_and_commits_only_after_the_answer(kafka_br
     topic, dlq, group = f"wh-{tag}.events", f"wh-{tag}.dlq", f"wh-{tag}.group"
     tansu.create_topic(topic, 1)
     tansu.create_topic(dlq, 1)
-    flaky, down, slow = f"flaky-{tag}", f"down-{tag}", f"slow-{tag}"
+    flaky, down, slow, crash = f"flaky-{tag}", f"down-{tag}", f"slow-{tag}", f"crash-{tag}"
     release = threading.Event()
+    running: dict[str, AlertsProcess] = {}
 
     def plan(attempt: int, request: Request) -> int:
         camera = json.loads(request.body)["camera_id"]
@@ -56,6 +59,9 @@ def test_webhook_retries_dead_letters_and_commits_only_after_the_answer(kafka_br
             return 500
         if camera == slow:
             release.wait(20)  # hangs until the test has looked at the committed offsets
+        if camera == crash and attempt == 1:  # the process dies after sending, before the answer and the commit
+            running["now"].kill()
+            return 200
         return 200
 
     start = now()
@@ -147,8 +153,29 @@ def test_webhook_retries_dead_letters_and_commits_only_after_the_answer(kafka_br
                   f"after a restart: firing + resolved per episode, duplicates "
                   f"{sum(len(v) for v in keys.values()) - 2 * len(keys)}")
             assert second.stop() == 0
+
+            # a crash between the send and the commit: the next process sends the same notification again,
+            # with the same body and idempotency key (the receiver acts once)
+            third = running["now"] = AlertsProcess(tmp_path, "alerts-webhook-3", env)
+            produce([(crash, v) for v in events(crash, "AA")])
+            wait_until(lambda: third.process.poll() is not None, 60, "the crash-camera's receiver kills the process")
+            assert tansu.committed_offsets(group, topic) == {0: 12}
+            fourth = running["now"] = AlertsProcess(tmp_path, "alerts-webhook-4", env)
+            crashed = wait_until(lambda: [r for r in receiver.on("/hook?token=abc") if crash in r.body.decode()
+                                          and r.status == 200][1:], 60, "the notification sent again")
+            wait_until(lambda: tansu.committed_offsets(group, topic) == {0: 14}, 30, "offsets after the crash")
+            sent = [r for r in receiver.on("/hook?token=abc") if crash in r.body.decode()]
+            assert len(sent) == 2 and sent[0].body == sent[1].body, sent
+            assert sent[0].headers["idempotency-key"] == sent[1].headers["idempotency-key"] == crashed[0].headers[
+                "idempotency-key"]
+            assert sample(fourth.metrics_port, "hpad_alerts_events_total", result="replayed") == 12 - 1  # no junk
+            print(f"WEBHOOK: SIGKILL between send and commit -> sent again with the same key "
+                  f"({len(sent)} deliveries, 1 distinct key, 1 notification acted on)")
+            assert fourth.stop() == 0
         finally:
             release.set()
             first.stop()
             if second is not None:
                 second.stop()
+            for process in running.values():
+                process.stop()
