@@ -43,6 +43,8 @@ def test_alerts_deployment_service_and_settings(alerts_objects, monkeypatch, tmp
     assert service["spec"]["ports"][0]["name"] == "metrics"  # scraped by the ServiceMonitor's `metrics` endpoint
     monitor = one(alerts_objects, "ServiceMonitor", "")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    notes = render(load_values("values-alerts.yaml"), CRD_APIS)["hpad/templates/NOTES.txt"]
+    assert "3 anomalous of the last 10 frames" in notes and "hpad.alerts.dlq" in notes
     topics = json.loads(one(alerts_objects, "ConfigMap", "-topics")["data"]["topics.json"])
     assert "hpad.alerts.dlq" in [t["name"] for t in topics]
     for obj in alerts_objects:
