@@ -106,6 +106,8 @@ class AlertService(Stoppable):
         self._categories: set[str] = set()
 
     def _report(self, sink: str, seconds: float, answer: Answer) -> None:
+        self.health.beat()  # a sink being retried is waiting on purpose, not stuck: /healthz stays green
+        self.metrics.heartbeat.set_to_current_time()
         self.metrics.sink_duration.labels(sink=sink).observe(seconds)
         if not answer.ok:
             self.metrics.sink_errors.labels(sink=sink).inc()

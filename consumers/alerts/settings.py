@@ -68,7 +68,7 @@ class AlertsSettings(KafkaSettings):
     metrics_port: int = Field(9402, ge=-1, le=65535, description="/metrics, /healthz, /readyz port (0 = any free, -1 = off)")
     metrics_host: str = Field("0.0.0.0", description="address the metrics server binds")
     liveness_timeout_ms: int = Field(
-        120000, ge=1000, description="/healthz fails when the main loop is stuck this long (sink retries included)")
+        120000, ge=1000, description="/healthz fails when the main loop is stuck this long (each sink attempt counts as progress)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
     @field_validator("alerts_alertmanager_url", "alerts_webhook_url", "alerts_console_url", mode="before")
