@@ -173,16 +173,26 @@ class AlertService(Stoppable):
         self.pending_replay.discard(tp)
         self._update_open_gauge()
 
-    def _start_replays(self, consumer: KafkaConsumer) -> set[TopicPartition]:
+    def _start_replays(self, consumer: KafkaConsumer, batch: dict) -> set[TopicPartition]:
         """Seek newly assigned partitions back to rebuild their state; returns those that moved (their records
-        of the current poll are dropped: they are read again)."""
+        of the current poll are dropped: they are read again). A partition whose committed offset cannot be
+        read now is put back to its first record of this poll and tried again at the next one."""
         started, seeked = set(self.pending_replay), set()
         self.pending_replay.clear()
         for tp in started:
-            committed = consumer.committed(tp)
-            if committed is None or committed <= 0 or self.settings.alerts_replay_records == 0:
-                continue  # a new group: nothing was delivered before, nothing to rebuild
-            first = consumer.beginning_offsets([tp]).get(tp, 0) or 0
+            try:
+                committed = consumer.committed(tp)
+                if committed is None or committed <= 0 or self.settings.alerts_replay_records == 0:
+                    continue  # a new group: nothing was delivered before, nothing to rebuild
+                first = consumer.beginning_offsets([tp]).get(tp, 0) or 0
+            except KafkaError as exc:
+                log.warning("partition %s-%d: committed offset unknown (%s); trying again", tp.topic, tp.partition,
+                            exc)
+                self.pending_replay.add(tp)
+                if batch.get(tp):
+                    consumer.seek(tp, batch[tp][0].offset)
+                seeked.add(tp)
+                continue
             start = max(first, committed - self.settings.alerts_replay_records)
             consumer.seek(tp, start)
             self.replay_until[tp] = committed
@@ -213,7 +223,7 @@ class AlertService(Stoppable):
             return
         self.health.assigned = len(consumer.assignment())
         self.metrics.assigned.set(self.health.assigned)
-        skip = self._start_replays(consumer) if self.pending_replay else set()
+        skip = self._start_replays(consumer, batch) if self.pending_replay else set()
         notifications: list[Notification] = []
         invalid: list = []
         commit: dict[TopicPartition, int] = {}
