@@ -5,7 +5,8 @@
    re-read events) sends no duplicate, a prompt hot-swap mid-episode keeps one alert, m normal frames resolve it
    (Alertmanager's own webhook notification says ``resolved``).
 2. Alertmanager down: nothing is committed while its port refuses connections; the alert arrives (and the
-   offsets move) once a real Alertmanager listens there.
+   offsets move) once a real Alertmanager listens there. Two replicas: partitions move, state is rebuilt
+   (without the re-read the moved window would not fire: checked by hand with HPAD_ALERTS_REPLAY_RECORDS=0).
 3. Monitoring end to end: a real Prometheus scrapes a running worker and a running tuner, loads
    deploy/prometheus/hpad-rules.yaml (a copy with every ``for:`` set to 0s: the shipped file is unchanged),
    and undecodable frames (dead letters), a corrupt prompt version and a reservoir write failure make
@@ -212,6 +213,80 @@ def test_nothing_is_committed_while_alertmanager_is_down_and_the_alert_arrives_w
         service.request_stop()
         thread.join(30)
     assert result == [0]
+
+
+def test_a_second_replica_takes_a_partition_and_rebuilds_its_state(tansu, alertmanager, clean_hpad_env, tmp_path):
+    """Two `AlertService` replicas (threads) in one group, Alertmanager and a webhook as sinks: after the
+    second joins, partitions move (eager rebalance: every partition is revoked and re-assigned, so each owner
+    re-reads its tail); a window that was 2 of 3 before the move fires at the next anomaly, an open episode is
+    not opened again (one firing key per camera at the webhook, one alert in Alertmanager)."""
+    from consumers import kafka_io
+    from consumers.alerts.app import AlertService
+    from consumers.alerts.settings import AlertsSettings, alerts_consumer_kwargs
+    from consumers.settings import producer_kwargs
+    from tests.consumers.kafka_helpers import FAST_GROUP
+
+    tag = uuid.uuid4().hex[:8]
+    topic, group = f"rb-{tag}.events", f"rb-{tag}.group"
+    tansu.create_topic(topic, 2)
+    open_cam, partial_cam = f"open-{tag}", f"partial-{tag}"
+
+    with WebhookReceiver() as receiver:
+        settings = AlertsSettings(
+            bootstrap_servers=tansu.bootstrap, events_topic=topic, group_id=group, alerts_dlq_topic=f"rb-{tag}.dlq",
+            auto_offset_reset="earliest", alerts_alertmanager_url=alertmanager.url, alerts_webhook_url=receiver.url,
+            alerts_webhook_secret="k", alerts_window=5, alerts_min_anomalous=3, alerts_resolve_normals=3,
+            alerts_cooldown_s=0, metrics_port=-1, **FAST_GROUP)
+
+        def replica() -> tuple[AlertService, threading.Thread]:
+            service = AlertService(settings, lambda: kafka_io.make_consumer(alerts_consumer_kwargs(settings)),
+                                   lambda: kafka_io.make_producer(producer_kwargs(settings)))
+            thread = threading.Thread(target=lambda: service.run(timeout=90, install_signals=False))
+            thread.start()
+            return service, thread
+
+        start = now()
+        seq = {open_cam: 0, partial_cam: 0}
+
+        def send(camera: str, pattern: str, partition: int) -> None:
+            records = []
+            for char in pattern:
+                at = start + timedelta(seconds=seq[camera])
+                records.append((camera, event_bytes(camera, seq[camera], char == "A", at), partition))
+                seq[camera] += 1
+            produce(tansu.bootstrap, topic, records)
+
+        def firing_keys(camera: str) -> set[str]:
+            return {r.headers["idempotency-key"] for r in receiver.on("/")
+                    if json.loads(r.body)["camera_id"] == camera and json.loads(r.body)["status"] == "firing"}
+
+        first, first_thread = replica()
+        second = second_thread = None
+        try:
+            send(open_cam, "AAA", 0)  # an open episode on partition 0
+            send(partial_cam, "A.A", 1)  # 2 of 5 on partition 1: not yet
+            wait_until(lambda: first.events_done >= 6 and tansu.committed_offsets(group, topic) == {0: 3, 1: 3}, 60,
+                       "the first replica processed and committed everything")
+            assert firing_keys(open_cam) and not firing_keys(partial_cam)
+            second, second_thread = replica()
+            wait_until(lambda: first.health.assigned == 1 and second.health.assigned == 1, 60, "partitions split")
+            send(partial_cam, "A", 1)  # 3 of the last 5, but only with the frames read before the move
+            send(open_cam, "AAA", 0)  # the open episode goes on
+            wait_until(lambda: firing_keys(partial_cam), 60, "the moved window fires")
+            wait_until(lambda: tansu.committed_offsets(group, topic) == {0: 6, 1: 4}, 60, "offsets after the move")
+            assert len(firing_keys(open_cam)) == 1 and len(firing_keys(partial_cam)) == 1
+            assert len(alertmanager.alerts(camera=open_cam)) == 1 and len(alertmanager.alerts(camera=partial_cam)) == 1
+            replayed = sum(s.metrics.events.labels(result="replayed")._value.get() for s in (first, second))
+            assert replayed >= 3  # the moved partition's tail at least
+            print(f"\nREBALANCE: 2 replicas, state rebuilt from {int(replayed)} re-read events; the moved 2-of-5 window "
+                  f"fired at the next anomaly; firing keys per camera: 1 and 1 (duplicates 0)")
+        finally:
+            for service in (first, second):
+                if service is not None:
+                    service.request_stop()
+            for thread in (first_thread, second_thread):
+                if thread is not None:
+                    thread.join(30)
 
 
 def _rules_without_for(target: Path) -> Path:
