@@ -176,6 +176,8 @@ def test_webhook_retries_dead_letters_and_commits_only_after_the_answer(kafka_br
             print(f"WEBHOOK: SIGKILL between send and commit -> sent again with the same key "
                   f"({len(sent)} deliveries, 1 distinct key, 1 notification acted on)")
             assert fourth.stop() == 0
+            for process in (first, second, third, fourth):  # the HMAC key never reaches a log
+                assert SECRET.decode() not in process.log() and "token=abc" not in process.log()
         finally:
             release.set()
             first.stop()
