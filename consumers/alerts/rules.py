@@ -23,7 +23,7 @@ import hashlib
 import json
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from hpad.errors import HpadError
@@ -162,7 +162,11 @@ class Episode:
 
 @dataclass(frozen=True)
 class Transition:
-    """What a step changed: ``status`` is ``firing`` (episode opened) or ``resolved`` (episode closed)."""
+    """What a step changed: ``status`` is ``firing`` (episode opened) or ``resolved`` (episode closed).
+
+    ``episode`` is a copy taken at that frame: a notification describes the episode as it was when it fired
+    or resolved, whatever else the same batch holds, so it is the same after a restart that batches the
+    events differently."""
 
     status: str
     episode: Episode
@@ -197,7 +201,7 @@ def step(rule: DebounceRule, state: LineState, event: AlertEvent) -> Transition 
             episode.ended_at, episode.resolved_by = event.event_time, event.frame_id
             state.episode = None
             state.cooldown_until = event.event_time + timedelta(seconds=rule.cooldown_s)
-            return Transition("resolved", episode)
+            return Transition("resolved", replace(episode))
         return None
     if state.cooldown_until is not None and event.event_time < state.cooldown_until:
         return None
@@ -212,7 +216,7 @@ def step(rule: DebounceRule, state: LineState, event: AlertEvent) -> Transition 
         anomalous_in_window=count, random_weights=event.random_weights, last_frame_id=event.frame_id,
         last_score=event.score, last_prompt_version=event.prompt_version, peak_score=event.score,
         peak_frame_id=event.frame_id)
-    return Transition("firing", state.episode)
+    return Transition("firing", replace(state.episode))
 
 
 class Debouncer:

@@ -117,6 +117,24 @@ def test_prompt_hot_swap_does_not_change_the_episode_identity():
     assert again is not None and again.episode.prompt_version == 2 and again.episode.id != first.episode.id
 
 
+def test_a_transition_is_a_snapshot_of_the_episode_at_its_frame():
+    rule = DebounceRule(window=3, min_anomalous=2, resolve_normals=2, cooldown_s=0)
+    state = LineState()
+    step(rule, state, ev(0, True))
+    fired = step(rule, state, ev(1, True))
+    for i in range(2, 5):
+        step(rule, state, ev(i, True, score=0.99))
+    assert fired is not None and state.episode is not None and state.episode.last_frame_id == "cam-1-4"
+    assert (fired.episode.last_frame_id, fired.episode.peak_score, fired.episode.ended_at) == ("cam-1-1", 0.9, None)
+    style = AlertStyle()
+    # the same webhook bytes whether the batch that fired it held more frames of the episode or not
+    alone = LineState()
+    step(rule, alone, ev(0, True))
+    again = step(rule, alone, ev(1, True))
+    assert again is not None
+    assert webhook_body(style, rule, fired.episode, "firing") == webhook_body(style, rule, again.episode, "firing")
+
+
 def test_lines_are_independent_and_keyed_by_camera_and_category():
     rule = DebounceRule(window=2, min_anomalous=2, resolve_normals=1, cooldown_s=0)
     debouncer = Debouncer(rule)
