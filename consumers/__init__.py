@@ -26,6 +26,9 @@ The scoring worker (``hpad serve``):
 * `prompt_provider` - prompt sets per category behind a swappable interface; `normals` - samples for the tuner
 * `app` (``hpad serve``), `supervisor` (``hpad serve --workers N``: N workers sharing one GPU)
 
+Alerting (``hpad alerts``): the package ``consumers/alerts/`` (debounce rule, payloads, sinks, settings,
+metrics, the consumer loop); it uses only the kernel (and `docs` for its README tables).
+
 Tools: `camera` (``hpad camera``; with `sources`, `capture`, `cameras_file`, `camera_metrics`), `broker` (embedded tansu), `apache_kafka` (Apache Kafka KRaft launcher for tests
 and development), `demo` (``make demo``), `docs` (generated
 tables of README.md).

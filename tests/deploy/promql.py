@@ -35,11 +35,12 @@ def metric_names(expr: str) -> set[str]:
 
 
 def hpad_sample_names() -> set[str]:
-    """Every series name the scorer and the tuner expose (histograms with _bucket/_sum/_count)."""
+    """Every series name the scorer, the tuner and `hpad alerts` expose (histograms with _bucket/_sum/_count)."""
+    from consumers.alerts.metrics import AlertsMetrics
     from consumers.metrics import sample_names as scorer_samples
     from tuner.metrics import sample_names as tuner_samples
 
-    return set(scorer_samples()) | set(tuner_samples())
+    return set(scorer_samples()) | set(tuner_samples()) | set(scorer_samples(AlertsMetrics()))
 
 
 def unknown_metrics(exprs: list[str]) -> dict[str, set[str]]:

@@ -106,12 +106,13 @@ def container_env(objs: list[dict[str, Any]], container: dict[str, Any]) -> dict
 
 
 def settings_class(container_name: str):
+    from consumers.alerts.settings import AlertsSettings
     from consumers.console.settings import ConsoleSettings
     from consumers.settings import KafkaSettings, WorkerSettings
     from tuner.settings import TunerSettings
 
     return {"scorer": WorkerSettings, "tuner": TunerSettings, "topics": KafkaSettings,
-            "console": ConsoleSettings}[container_name]
+            "console": ConsoleSettings, "alerts": AlertsSettings}[container_name]
 
 
 # ------------------------------------------------------------------------------------------ tools
@@ -836,7 +837,7 @@ def test_promtool_check_rules():
     done = subprocess.run([tool("promtool"), "check", "rules", str(RULES)], capture_output=True, text=True,
                           timeout=60, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 12 rules found" in done.stdout
+    assert "SUCCESS: 14 rules found" in done.stdout
 
 
 def test_promtool_test_rules():
@@ -889,12 +890,14 @@ def test_chart_readme_documents_every_value():
 
 
 def test_deploy_readme_names_only_real_settings():
+    from consumers.alerts.settings import AlertsSettings
     from consumers.console.settings import ConsoleSettings
     from consumers.settings import WorkerSettings
     from tuner.settings import TunerSettings
 
     text = (DEPLOY / "README.md").read_text() + (CHART / "README.md").read_text()
-    fields = set(WorkerSettings.model_fields) | set(TunerSettings.model_fields) | set(ConsoleSettings.model_fields)
+    fields = (set(WorkerSettings.model_fields) | set(TunerSettings.model_fields)
+              | set(ConsoleSettings.model_fields) | set(AlertsSettings.model_fields))
     named = set(re.findall(r"HPAD_([A-Z0-9_]+)", text))
     assert len(named) > 25
     assert not {n for n in named if n.lower() not in fields}, {n for n in named if n.lower() not in fields}
