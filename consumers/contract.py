@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from hpad.errors import ConfigError, FrameError
-from hpad.tiling import MAX_OVERLAP, Box, TileSpec
+from hpad.tiling import Box, TileSpec
 
 # header names (lower case; lookups are case-insensitive)
 CONTENT_TYPE = "content-type"
@@ -184,7 +184,6 @@ def parse_captured_at(text: str) -> datetime:
 
 
 _ROI_RE = re.compile(r"^\s*(\d{1,6})\s*,\s*(\d{1,6})\s*,\s*(\d{1,6})\s*,\s*(\d{1,6})\s*$")
-_TILING_RE = re.compile(r"^(auto|off|(\d{1,3})\s*x\s*(\d{1,3}))(?:\s*@\s*(\d*\.?\d+))?$", re.IGNORECASE)
 
 
 def parse_roi(text: str) -> Box:
@@ -200,23 +199,12 @@ def parse_roi(text: str) -> Box:
 
 
 def parse_tiling(text: str) -> TileSpec:
-    """``auto`` | ``off`` | ``COLSxROWS``, optionally ``@OVERLAP`` (``3x2@0.25``, ``auto@0.1``) -> `TileSpec`,
-    or FrameError(invalid_header)."""
-    match = _TILING_RE.match(text.strip())
-    if match is None:
-        raise FrameError("invalid_header", f"tiling {text[:64]!r} is not auto, off or COLSxROWS[@OVERLAP] "
-                         "(e.g. 4x3@0.25)")
-    word, cols, rows, overlap_text = match.groups()
-    overlap = None if overlap_text is None else float(overlap_text)
-    if overlap is not None and not 0.0 <= overlap <= MAX_OVERLAP:
-        raise FrameError("invalid_header", f"tiling {text[:64]!r}: overlap must be within 0..{MAX_OVERLAP}")
-    mode = word.lower() if cols is None else "grid"
-    if mode == "off" and overlap is not None:
-        raise FrameError("invalid_header", f"tiling {text[:64]!r}: 'off' takes no overlap")
+    """``auto`` | ``off`` | ``COLSxROWS``, optionally ``@OVERLAP`` (``3x2@0.25``, ``auto@0.1``) -> `TileSpec`
+    (`hpad.tiling.TileSpec.parse`, one grammar for headers and settings), or FrameError(invalid_header)."""
     try:
-        return TileSpec(mode, int(cols or 0), int(rows or 0), overlap)  # type: ignore[arg-type]
+        return TileSpec.parse(text)
     except ConfigError as exc:
-        raise FrameError("invalid_header", f"tiling {text[:64]!r}: {exc}") from None
+        raise FrameError("invalid_header", str(exc)) from None
 
 
 def _identifier(name: str, value: str | None, limit: int = MAX_ID_CHARS) -> str:

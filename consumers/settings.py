@@ -109,6 +109,31 @@ class ModelSettings(KafkaSettings):
     laa_layers: int = Field(4, ge=0, description="LAA in the last N blocks")
     laa_radius: int = Field(1, ge=0, description="LAA window radius (1 = 3x3)")
     sigma: float = Field(4.0, ge=0, description="anomaly-map smoothing, pixels at model resolution")
+    # ROI and tiled scoring (hpad.tiling): the scorer's frames (which may override them with the `roi` and
+    # `tiling` headers) and the tuner's training data are cut alike
+    tiling: str = Field(
+        "auto", description="tiling of frames without a `tiling` header: auto (frames over HPAD_TILE_MIN_PIXELS "
+        "scored as tiles at the model's input size), off (whole frame), or COLSxROWS[@OVERLAP]")
+    tile_overlap: float = Field(0.25, ge=0, le=0.9, description="fraction of a tile shared with its neighbour "
+                                "(when the tiling gives no @OVERLAP)")
+    tile_min_pixels: int = Field(
+        2_000_000, ge=0, description="auto tiling scores a frame (or its ROI) whole up to this many pixels")
+    max_tiles: int = Field(64, ge=1, le=1024, description="most tiles a frame is cut into: auto tiling grows "
+                           "the tiles to fit, a larger COLSxROWS header is dead-lettered (bad_tiling)")
+
+    @field_validator("tiling")
+    @classmethod
+    def _check_tiling(cls, value: str) -> str:
+        try:
+            parse_tiling(value)
+        except FrameError as exc:
+            raise ValueError(str(exc)) from None
+        return value.strip().lower()
+
+    @property
+    def tiling_policy(self) -> TilingPolicy:
+        """The tiling defaults as the library takes them (the worker's frames, the tuner's training data)."""
+        return TilingPolicy(parse_tiling(self.tiling), self.tile_overlap, self.tile_min_pixels, self.max_tiles)
 
     @model_validator(mode="after")
     def _check_model(self) -> ModelSettings:
@@ -117,6 +142,8 @@ class ModelSettings(KafkaSettings):
             raise ValueError("choose one weights source: HPAD_PRETRAINED, HPAD_CHECKPOINT or HPAD_RANDOM_INIT")
         if self.precision == "fp16" and self.device == "cpu":
             raise ValueError("fp16 is for GPUs; on CPU use HPAD_PRECISION=bf16 or fp32")
+        if parse_tiling(self.tiling).tiles > self.max_tiles:
+            raise ValueError(f"HPAD_TILING {self.tiling} has more tiles than HPAD_MAX_TILES={self.max_tiles}")
         return self
 
     @property
@@ -191,16 +218,6 @@ class WorkerSettings(ModelSettings):
     max_side: int = Field(16384, ge=8, description="frames wider or taller than this go to the DLQ")
     min_side: int = Field(8, ge=1, description="frames narrower or shorter than this go to the DLQ")
     mask_policy: MaskPolicy = Field("anomalous", description="masks in events: anomalous frames, always or never")
-    # ROI and tiled scoring (hpad.tiling; frames may override with the `roi` and `tiling` headers)
-    tiling: str = Field(
-        "auto", description="tiling of frames without a `tiling` header: auto (frames over HPAD_TILE_MIN_PIXELS "
-        "scored as tiles at the model's input size), off (whole frame), or COLSxROWS[@OVERLAP]")
-    tile_overlap: float = Field(0.25, ge=0, le=0.9, description="fraction of a tile shared with its neighbour "
-                                "(when the tiling gives no @OVERLAP)")
-    tile_min_pixels: int = Field(
-        2_000_000, ge=0, description="auto tiling scores a frame (or its ROI) whole up to this many pixels")
-    max_tiles: int = Field(64, ge=1, le=1024, description="most tiles a frame is cut into: auto tiling grows "
-                           "the tiles to fit, a larger COLSxROWS header is dead-lettered (bad_tiling)")
     # reliability
     retry_backoff_ms: int = Field(200, ge=1, description="first retry delay for transient errors (doubles)")
     retry_backoff_max_ms: int = Field(10000, ge=1, description="longest retry delay")
@@ -217,19 +234,6 @@ class WorkerSettings(ModelSettings):
 
     _split_categories = field_validator("categories", mode="before")(split_csv)
 
-    @field_validator("tiling")
-    @classmethod
-    def _check_tiling(cls, value: str) -> str:
-        try:
-            parse_tiling(value)
-        except FrameError as exc:
-            raise ValueError(str(exc)) from None
-        return value.strip().lower()
-
-    @property
-    def tiling_policy(self) -> TilingPolicy:
-        """The worker's ROI/tiling defaults as the library takes them."""
-        return TilingPolicy(parse_tiling(self.tiling), self.tile_overlap, self.tile_min_pixels, self.max_tiles)
 
     @field_validator("prompts_topic", "normals_topic", mode="before")
     @classmethod
@@ -268,8 +272,6 @@ class WorkerSettings(ModelSettings):
             raise ValueError("HPAD_RETRY_BACKOFF_MAX_MS must be >= HPAD_RETRY_BACKOFF_MS")
         if self.min_side > self.max_side:
             raise ValueError("HPAD_MIN_SIDE must be <= HPAD_MAX_SIDE")
-        if parse_tiling(self.tiling).tiles > self.max_tiles:
-            raise ValueError(f"HPAD_TILING {self.tiling} has more tiles than HPAD_MAX_TILES={self.max_tiles}")
         topics = [t for t in (self.input_topic, self.events_topic, self.dlq_topic, self.prompts_topic,
                               self.normals_topic) if t]
         if len(set(topics)) != len(topics):

@@ -94,12 +94,14 @@ def crop_tiles(frame: np.ndarray | torch.Tensor, plan: TilePlan) -> list[np.ndar
 class FrameScores:
     """A scored batch of frames, tiled or not: ``pred_score`` [B] on the host (max over each frame's tiles),
     ``maps`` one tensor a frame on the scorer's device (the model-size map of a frame scored whole, else the
-    blended map at the frame's size), ``sizes`` each frame's (H, W), ``tiles`` tiles scored per frame."""
+    blended map at the frame's size), ``sizes`` each frame's (H, W), ``tiles`` tiles scored per frame,
+    ``tile_scores`` each frame's tile scores [tiles], row-major (calibration builds frame-level scores from them)."""
 
     pred_score: np.ndarray
     maps: list[torch.Tensor]
     sizes: list[tuple[int, int]]
     tiles: list[int]
+    tile_scores: list[np.ndarray]
 
     def anomaly_maps(self) -> list[np.ndarray]:
         """Float maps [H, W] in [0, 1] at each frame's size (on the host)."""
@@ -150,7 +152,8 @@ def score_frames(scorer: Scorer, frames: Sequence[np.ndarray | torch.Tensor], pr
     for index, ((start, end), plan) in enumerate(zip(spans, chosen, strict=True)):
         scores[index] = scored.pred_score[start:end].max()
         maps.append(scored.maps[start] if plan.is_whole else blend_tile_maps(scored.maps[start:end], plan))
-    return FrameScores(scores, maps, out_sizes, [plan.n_tiles for plan in chosen])
+    return FrameScores(scores, maps, out_sizes, [plan.n_tiles for plan in chosen],
+                       [scored.pred_score[start:end] for start, end in spans])
 
 
 def training_views(frames: Sequence[np.ndarray], model_size: tuple[int, int], policy: TilingPolicy,

@@ -22,6 +22,7 @@ and the camera validate ROI and tiling without importing torch.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,6 +34,7 @@ __all__ = ["MAX_OVERLAP", "MIN_TILE_SIDE", "OFF", "Box", "TilePlan", "TileSpec",
 MAX_OVERLAP = 0.9
 MIN_TILE_SIDE = 8  # pixels of the full frame: a finer grid is refused (bad_tiling)
 TileMode = Literal["auto", "off", "grid"]
+_SPEC_RE = re.compile(r"^(auto|off|(\d{1,3})\s*x\s*(\d{1,3}))(?:\s*@\s*(\d*\.?\d+))?$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,23 @@ class TileSpec:
             raise ConfigError(f"tiling {self.mode} takes no grid")
         if self.overlap is not None and not 0.0 <= self.overlap <= MAX_OVERLAP:
             raise ConfigError(f"tile overlap must be within 0..{MAX_OVERLAP}, got {self.overlap}")
+
+    @classmethod
+    def parse(cls, text: str) -> TileSpec:
+        """``auto`` | ``off`` | ``COLSxROWS``, optionally ``@OVERLAP`` (``4x3@0.25``, ``auto@0.1``); ConfigError
+        saying what is wrong otherwise."""
+        match = _SPEC_RE.match(text.strip())
+        if match is None:
+            raise ConfigError(f"tiling {text[:64]!r} is not auto, off or COLSxROWS[@OVERLAP] (e.g. 4x3@0.25)")
+        word, cols, rows, overlap_text = match.groups()
+        overlap = None if overlap_text is None else float(overlap_text)
+        mode = word.lower() if cols is None else "grid"
+        if mode == "off" and overlap is not None:
+            raise ConfigError(f"tiling {text[:64]!r}: 'off' takes no overlap")
+        try:
+            return cls(mode, int(cols or 0), int(rows or 0), overlap)  # type: ignore[arg-type]
+        except ConfigError as exc:
+            raise ConfigError(f"tiling {text[:64]!r}: {exc}") from None
 
     @property
     def tiles(self) -> int:

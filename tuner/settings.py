@@ -100,4 +100,5 @@ class TunerSettings(ModelSettings):
                             lr=self.lr, patience=self.patience, n_ctx=self.n_ctx, mpts=self.mpts, lam=self.lam,
                             oagm=OAGMConfig(on_object=self.oagm_on_object))
         return TuneConfig(shots=self.shots, min_normals=self.min_normals, gate_normals=self.gate_normals,
-                          gate_anomalies=self.gate_anomalies, margin=self.margin, train=train)
+                          gate_anomalies=self.gate_anomalies, margin=self.margin, train=train,
+                          tiling=self.tiling_policy)

@@ -277,3 +277,43 @@ def test_small_defects_on_a_12_megapixel_frame_are_found_with_tiles_and_lost_wit
     assert found["tiled"][0] > 0.95 and found["tiled"][1] > 0.8
     assert found["untiled"][0] < 0.8 and found["untiled"][1] < 0.6
     assert found["tiled"][0] - found["untiled"][0] > 0.2
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def test_frame_level_scores_are_the_max_over_tiles():
+    from hpad.calibration import tiled_frame_scores
+
+    normal = [np.array([0.1, 0.4, 0.2]), np.array([0.3, 0.2])]
+    labels, scores = tiled_frame_scores(normal, np.array([0.9, 0.05, 0.25]))
+    assert labels.tolist() == [0, 0, 1, 1, 1]
+    # anomaly i replaces tile (i mod tiles) of normal frame (i mod frames): max(anomaly, the other tiles)
+    assert scores.tolist() == pytest.approx([0.4, 0.3, 0.9, 0.3, 0.4])
+    with pytest.raises(ConfigError):
+        tiled_frame_scores([], np.array([0.5]))
+
+
+@pytest.mark.slow
+def test_training_on_large_frames_learns_on_tiles_and_calibrates_per_frame(scorer):
+    from hpad.mpts import TrainConfig
+    from hpad.training import train
+
+    config = TrainConfig(epochs=1, steps_per_epoch=1, batch_size=4, train_normals=4, train_anomalies=4,
+                         val_normals=4, val_anomalies=6, n_ctx=2, seed=3)
+    rng = np.random.default_rng(1)
+    normals = [woven_frame(rng, (300, 400)) for _ in range(2)]
+    held_out = [woven_frame(rng, (300, 400)) for _ in range(3)]
+    policy = TilingPolicy(TileSpec("grid", 3, 2, 0.0), min_pixels=0, max_tiles=8)
+    result = train(scorer, normals, "widget", config, val_normals=held_out, tiling=policy)
+    grid_cells = scorer.backbone.grid_size[0] * scorer.backbone.grid_size[1]
+    assert result.prompts.memory.shape[0] == 2 * 6 * grid_cells  # memory: patches of every tile of the shots
+    calibration = result.metrics.calibration
+    assert (calibration.n_normal, calibration.n_anomalous) == (3, 6)  # held-out frames, anomalies in a tile
+    assert result.prompts.threshold == calibration.threshold
+    plans = [plan_tiles((300, 400), MODEL, None, None, policy)] * 3
+    served = score_frames(scorer, held_out, result.prompts, plans=plans)  # what the service would say
+    normal_far = float((served.pred_score >= result.prompts.threshold).mean())
+    assert normal_far == pytest.approx(calibration.normal_false_alarm_rate)
+    untiled = train(scorer, normals[:1], "widget", config, tiling=OFF)  # nothing tiled: the plain path
+    assert untiled.prompts.memory.shape[0] == grid_cells
