@@ -49,11 +49,10 @@ def blend_tile_maps(tile_maps: torch.Tensor, plan: TilePlan) -> torch.Tensor:
         raise ConfigError(f"got {tile_maps.shape[0]} tile maps for a plan of {plan.n_tiles} tiles")
     device = tile_maps.device
     roi = plan.roi
-    tile_h, tile_w = plan.ys[0][1], plan.xs[0][1]  # every tile of a plan has one size
-    maps = resize_maps(tile_maps.float(), (tile_h, tile_w))  # [T, th, tw]
+    tile_h, tile_w = plan.ys[0][1], plan.xs[0][1]
     out = torch.zeros(plan.size, device=device)
     if plan.n_tiles == 1:
-        out[roi.y : roi.y + roi.h, roi.x : roi.x + roi.w] = maps[0]
+        out[roi.y : roi.y + roi.h, roi.x : roi.x + roi.w] = resize_maps(tile_maps[:1].float(), (tile_h, tile_w))[0]
         return out
     wy, wx = axis_weights(plan.ys, device), axis_weights(plan.xs, device)
     acc = torch.zeros(roi.h, roi.w, device=device)
@@ -63,7 +62,8 @@ def blend_tile_maps(tile_maps: torch.Tensor, plan: TilePlan) -> torch.Tensor:
         for (x, w), col_w in zip(plan.xs, wx, strict=True):
             weight = row_w[:, None] * col_w[None, :]
             rows, cols = slice(y - roi.y, y - roi.y + h), slice(x - roi.x, x - roi.x + w)
-            acc[rows, cols] += maps[index] * weight
+            tile = resize_maps(tile_maps[index : index + 1].float(), (h, w))[0]  # one at a time: less memory
+            acc[rows, cols] += tile * weight
             total[rows, cols] += weight
             index += 1
     out[roi.y : roi.y + roi.h, roi.x : roi.x + roi.w] = acc / total
