@@ -8,6 +8,7 @@ scored whole (random weights: only the nearest-neighbour memory path carries the
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -317,3 +318,21 @@ def test_training_on_large_frames_learns_on_tiles_and_calibrates_per_frame(score
     assert normal_far == pytest.approx(calibration.normal_false_alarm_rate)
     untiled = train(scorer, normals[:1], "widget", config, tiling=OFF)  # nothing tiled: the plain path
     assert untiled.prompts.memory.shape[0] == grid_cells
+
+
+def test_score_command_tiles_large_images(tmp_path, capsys):
+    import cv2
+
+    from hpad.cli import main
+    from hpad.masks import decode_mask_png
+
+    path = tmp_path / "big.png"
+    cv2.imwrite(str(path), _frame(11, (300, 400, 3)))
+    args = ["score", str(path), "--model", "hpad-tiny", "--random-init", "--mask-out", str(tmp_path)]
+    assert main([*args, "--tiling", "4x3@0.1"]) == 0
+    assert main(args) == 0  # 0.12 MP: under the default 2 MP, scored whole
+    tiled, whole = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert (tiled["tiles"], whole["tiles"]) == (12, 1)
+    assert decode_mask_png((tmp_path / "big_mask.png").read_bytes()).shape == (300, 400)
+    assert main([*args, "--tiling", "nonsense"]) == 2  # a clear refusal, no traceback
+    assert "not auto, off or COLSxROWS" in capsys.readouterr().err
