@@ -135,7 +135,7 @@ def test_worker_scores_large_frames_as_tiles_and_dead_letters_bad_headers(kafka,
     rng = np.random.default_rng(14)
     good = {
         "grid": _frame(rng, "t-grid", (900, 1200), tiling="4x3@0.2"),  # decoded at 1/4: tiles stay >= 64 px
-        "auto": _frame(rng, "t-auto", (720, 960), ".png"),  # over HPAD_TILE_MIN_PIXELS: auto tiles
+        "auto": _frame(rng, "t-auto", (720, 960)),  # over HPAD_TILE_MIN_PIXELS: auto tiles
         "roi": _frame(rng, "t-roi", (600, 800), roi="100,50,400,300", tiling="2x2"),
         "small": _frame(rng, "t-small", (64, 80), ".png"),  # under the threshold: scored whole
     }

@@ -295,7 +295,6 @@ def test_frame_level_scores_are_the_max_over_tiles():
         tiled_frame_scores([], np.array([0.5]))
 
 
-@pytest.mark.slow
 def test_training_on_large_frames_learns_on_tiles_and_calibrates_per_frame(scorer):
     from hpad.mpts import TrainConfig
     from hpad.training import train
