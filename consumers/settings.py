@@ -201,7 +201,8 @@ class WorkerSettings(ModelSettings):
     normals_per_minute: float = Field(
         6.0, ge=0, description="most normal samples per category and minute from one worker (0 = off)")
     # batching and pipeline
-    max_batch_size: int = Field(8, ge=1, le=1024, description="most frames scored in one batch")
+    max_batch_size: int = Field(8, ge=1, le=1024, description="most model images scored in one batch: frames, or "
+                                "the tiles of tiled frames (a frame is never split across batches)")
     max_wait_ms: int = Field(20, ge=0, description="longest a frame waits for its batch to fill while the model is busy")
     decode_threads: int = Field(2, ge=1, le=64, description="image decode threads (OpenCV releases the GIL)")
     pipeline_depth: int = Field(2, ge=1, le=16, description="batches decoded ahead of the model")
