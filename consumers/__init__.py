@@ -1,7 +1,8 @@
 """hpad's streaming service: the Kafka scoring worker (``hpad serve``) and its tools.
 
 Kafka, HTTP and environment reading live here; all scoring math stays in `hpad` (the worker calls
-`hpad.scorer.Scorer`). Dependencies point one way, tuner -> consumers -> hpad (tests/test_architecture.py).
+`hpad.scorer.Scorer` through `hpad.tiled_scoring.score_frames`, which applies each frame's ROI and tile plan).
+Dependencies point one way, tuner -> consumers -> hpad (tests/test_architecture.py).
 
 The service kernel: what every service process shares (``hpad serve``, ``hpad camera``, ``hpad tune``,
 ``hpad prompts``), importing no other module of this package; the tuner imports only these:

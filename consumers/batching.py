@@ -5,6 +5,10 @@
 batches grow with load and latency stays low when the line is quiet. The poll timeout follows from the
 same rule: 0 while a ready batch waits for room in the pipeline (the worker then sleeps on the pipeline
 instead), 100 ms with nothing forming, else until the first frame's wait is up (1..50 ms).
+
+Sizes are counted in model images: an optional ``weight`` says what one frame costs (the worker passes its
+tile count, `consumers.items.FrameItem.tiles`), so a batch of tiled frames is as full as a batch of whole
+ones. A frame is never split across batches: one heavier than ``max_batch_size`` forms a batch of its own.
 """
 
 from __future__ import annotations
@@ -27,12 +31,18 @@ T = TypeVar("T", bound=Polled)
 class BatchFormer(Generic[T]):
     """The frames forming the next batch, and the rule that says when to dispatch them."""
 
-    def __init__(self, max_batch_size: int, max_wait_ms: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, max_batch_size: int, max_wait_ms: float, clock: Callable[[], float] = time.monotonic,
+                 weight: Callable[[T], int] | None = None) -> None:
         self.max_batch_size, self.max_wait_ms, self.clock = max_batch_size, max_wait_ms, clock
+        self.weight: Callable[[T], int] = weight or (lambda item: 1)
         self.items: list[T] = []
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def load(self) -> int:
+        """Model images forming (the sum of the frames' weights)."""
+        return sum(self.weight(item) for item in self.items)
 
     def add(self, items: list[T]) -> None:
         self.items += items
@@ -42,7 +52,7 @@ class BatchFormer(Generic[T]):
         self.items = [item for item in self.items if wanted(item)]
 
     def full(self) -> bool:
-        return len(self.items) >= self.max_batch_size
+        return self.load() >= self.max_batch_size
 
     def waited_ms(self) -> float:
         """How long the first frame has waited (0 with nothing forming)."""
@@ -62,9 +72,16 @@ class BatchFormer(Generic[T]):
 
     def poll_limit(self) -> int:
         """Records to ask the next poll for: what fills the batch (1 when full: keep polling for heartbeats)."""
-        return 1 if self.full() else self.max_batch_size - len(self.items)
+        return max(1, self.max_batch_size - self.load())
 
     def take(self) -> list[T]:
-        """The next batch: the first ``max_batch_size`` frames (the rest keep forming)."""
-        batch, self.items = self.items[: self.max_batch_size], self.items[self.max_batch_size :]
+        """The next batch: the first frames up to ``max_batch_size`` images, at least one frame (the rest keep
+        forming)."""
+        count, load = 0, 0
+        for item in self.items:
+            cost = self.weight(item)
+            if count and load + cost > self.max_batch_size:
+                break
+            count, load = count + 1, load + cost
+        batch, self.items = self.items[:count], self.items[count:]
         return batch

@@ -1,8 +1,8 @@
 """The frame message contract: header names, dead-letter reason codes, and pure header parsing.
 
 A frame is one Kafka record on the input topic: value = encoded image bytes (JPEG / PNG) or raw pixels,
-key = camera id, headers ``content-type``, ``camera_id``, ``frame_id``, ``captured_at``, ``category``
-(``README.md`` and ``consumers/schemas/frame_headers.schema.json`` document them). This module
+key = camera id, headers ``content-type``, ``camera_id``, ``frame_id``, ``captured_at``, ``category`` and the
+optional ``roi`` / ``tiling`` (what part of the frame is scored, and how: `hpad.tiling`) (``README.md`` and ``consumers/schemas/frame_headers.schema.json`` document them). This module
 turns the headers into a `FrameMeta` or refuses them with a `FrameError` whose ``reason`` is one of
 `REASONS`; nothing here touches Kafka, so every rule is unit-tested without a broker.
 """
@@ -14,7 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from hpad.errors import FrameError
+from hpad.errors import ConfigError, FrameError
+from hpad.tiling import Box, TileSpec
 
 # header names (lower case; lookups are case-insensitive)
 CONTENT_TYPE = "content-type"
@@ -22,7 +23,9 @@ CAMERA_ID = "camera_id"
 FRAME_ID = "frame_id"
 CAPTURED_AT = "captured_at"
 CATEGORY = "category"
-FRAME_HEADERS = (CONTENT_TYPE, CAMERA_ID, FRAME_ID, CAPTURED_AT, CATEGORY)
+ROI = "roi"  # "x,y,w,h": region of interest in pixels of the full frame
+TILING = "tiling"  # "auto" | "off" | "COLSxROWS", optionally "@OVERLAP" (0..0.9)
+FRAME_HEADERS = (CONTENT_TYPE, CAMERA_ID, FRAME_ID, CAPTURED_AT, CATEGORY, ROI, TILING)
 
 # dead-letter headers added to the original record's headers
 ERROR_CLASS = "hpad-error-class"
@@ -47,6 +50,8 @@ REASONS: dict[str, str] = {
     "unknown_category": "the category header names a category this worker does not serve",
     "bad_dimensions": "width or height is zero, below HPAD_MIN_SIDE or above HPAD_MAX_SIDE",
     "too_many_pixels": "width x height (read from the image header, before decoding) exceeds HPAD_MAX_PIXELS",
+    "roi_outside_frame": "the roi header's box reaches beyond the frame (checked against the image header's size)",
+    "bad_tiling": "the tiling asks for more tiles than HPAD_MAX_TILES, or for tiles under 8 pixels in this frame",
     "undecodable": "the bytes are not a valid image of the declared type (or raw size does not match shape)",
     "bad_image": "the decoded pixels cannot be scored",
     "out_of_memory": "scoring this single frame ran out of memory after retries",
@@ -93,6 +98,8 @@ class FrameMeta:
     category: str
     content_type: ContentType
     captured_at: datetime | None
+    roi: Box | None = None  # header roi: only this part is scored (maps and masks stay full size)
+    tiling: TileSpec | None = None  # header tiling; None: the worker's HPAD_TILING
 
 
 # ------------------------------------------------------------------------------------------ parsing
@@ -176,6 +183,30 @@ def parse_captured_at(text: str) -> datetime:
         raise FrameError("invalid_header", f"captured_at {text[:64]!r} is neither RFC 3339 nor epoch ms") from None
 
 
+_ROI_RE = re.compile(r"^\s*(\d{1,6})\s*,\s*(\d{1,6})\s*,\s*(\d{1,6})\s*,\s*(\d{1,6})\s*$")
+
+
+def parse_roi(text: str) -> Box:
+    """``x,y,w,h`` (integer pixels of the full frame; w, h >= 1) -> `Box`, or FrameError(invalid_header).
+    Whether it fits the frame is checked once the frame's size is known (``roi_outside_frame``)."""
+    match = _ROI_RE.match(text)
+    if match is None:
+        raise FrameError("invalid_header", f"roi {text[:64]!r} is not x,y,w,h (four non-negative integers)")
+    x, y, w, h = (int(v) for v in match.groups())
+    if w < 1 or h < 1:
+        raise FrameError("invalid_header", f"roi {text[:64]!r} has an empty box: width and height must be >= 1")
+    return Box(x, y, w, h)
+
+
+def parse_tiling(text: str) -> TileSpec:
+    """``auto`` | ``off`` | ``COLSxROWS``, optionally ``@OVERLAP`` (``3x2@0.25``, ``auto@0.1``) -> `TileSpec`
+    (`hpad.tiling.TileSpec.parse`, one grammar for headers and settings), or FrameError(invalid_header)."""
+    try:
+        return TileSpec.parse(text)
+    except ConfigError as exc:
+        raise FrameError("invalid_header", str(exc)) from None
+
+
 def _identifier(name: str, value: str | None, limit: int = MAX_ID_CHARS) -> str:
     if not value:
         raise FrameError("missing_header", f"header {name!r} is missing or empty")
@@ -204,12 +235,15 @@ def parse_frame_headers(
     if not content_text:
         raise FrameError("missing_header", "header 'content-type' is missing (image/jpeg, image/png or raw)")
     captured_text = found.get(CAPTURED_AT)
+    roi_text, tiling_text = found.get(ROI), found.get(TILING)
     return FrameMeta(
         frame_id=frame_id,
         camera_id=camera_id,
         category=category,
         content_type=parse_content_type(content_text),
         captured_at=parse_captured_at(captured_text) if captured_text else None,
+        roi=parse_roi(roi_text) if roi_text else None,
+        tiling=parse_tiling(tiling_text) if tiling_text else None,
     )
 
 

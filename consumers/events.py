@@ -94,8 +94,10 @@ def build_event(
     size: tuple[int, int],
     mask: dict[str, Any] | None,
     batch_id: str = "",
+    tiles: int = 1,
 ) -> dict[str, Any]:
-    """One event per frame. ``source`` = (topic, partition, offset); ``size`` = (width, height)."""
+    """One event per frame. ``source`` = (topic, partition, offset); ``size`` = (width, height); ``tiles``:
+    images the model scored for the frame (1 = scored whole, see `hpad.tiling`)."""
     score = float(scored.score)
     return {
         "schema_version": EVENT_SCHEMA_VERSION,
@@ -119,6 +121,7 @@ def build_event(
         "captured_at": c.rfc3339(meta.captured_at) if meta.captured_at else None,
         "scored_at": c.rfc3339(scored_at),
         "batch_id": batch_id,
+        "tiles": int(tiles),
         "timings_ms": timings.as_dict(),
         "source": {"topic": source[0], "partition": int(source[1]), "offset": int(source[2])},
         "mask": mask,

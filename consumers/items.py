@@ -18,6 +18,7 @@ from consumers import contract as c
 from consumers import events as ev
 from hpad.errors import FrameError
 from hpad.masks import PackedMask
+from hpad.tiling import TilePlan, TilingPolicy
 
 
 @dataclass(eq=False)
@@ -30,6 +31,7 @@ class FrameItem:
     received: float  # time.monotonic() when poll returned it
     meta: c.FrameMeta | None = None
     size: tuple[int, int] | None = None  # (width, height) from the image header
+    plan: TilePlan | None = None  # ROI and tiles (hpad.tiling), from the headers, the settings and the size
     error: FrameError | None = None
     decoding: Future | None = None
     encoded: bytes | None = None  # a JPEG left for the scorer's device to decode (gpu_decode)
@@ -40,6 +42,11 @@ class FrameItem:
     scored: ev.Scored | None = None
     mask: PackedMask | None = None  # at the frame's full size, only when the mask policy wants it
     batch_id: str = ""
+
+    @property
+    def tiles(self) -> int:
+        """Images this frame costs the model (its tiles; 1 when scored whole or refused): the batcher's unit."""
+        return 1 if self.plan is None or self.error is not None else self.plan.n_tiles
 
     def fail(self, error: FrameError) -> None:
         self.error, self.pixels, self.encoded, self.mask = error, None, None, None
@@ -72,6 +79,7 @@ class PipelineConfig:
     decode_threads: int = 2
     decode_scale: str = "auto"  # "auto": JPEG decoded at the smallest DCT scale >= the model's input size
     gpu_decode: bool = False  # JPEG decoded on the scorer's device (nvJPEG)
+    tiling: TilingPolicy = field(default_factory=TilingPolicy)  # ROI/tiling defaults (HPAD_TILING, ...)
     oom_retries: int = 3
     retry_backoff_s: float = 0.2
     retry_backoff_max_s: float = 10.0

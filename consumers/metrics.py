@@ -44,7 +44,7 @@ class WorkerMetrics:
         self.retries = Counter("hpad_retries", "Transient failures retried (produce, commit, poll, oom_split, "
                                "oom_retry, transaction)", ["kind"], registry=r)
         self.commits = Counter("hpad_commits", "Offset commits, by result (ok, failed)", ["result"], registry=r)
-        self.batch_size = Histogram("hpad_batch_size", "Frames per scored batch", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_size = Histogram("hpad_batch_size", "Model images per scored batch (frames scored whole, plus the tiles of tiled frames)", buckets=BATCH_BUCKETS, registry=r)
         self.stage = Histogram("hpad_stage_duration_seconds", "Duration of a pipeline stage: decode and queue "
                                "per frame; infer, encode, produce and commit per batch", ["stage"],
                                buckets=STAGE_BUCKETS, registry=r)

@@ -70,7 +70,7 @@ class OutputStage:
         timings = ev.Timings(queue=1000 * (item.infer_start - item.received), decode=1000 * item.decode_s,
                              infer=1000 * item.infer_s, total=1000 * (now - item.received))
         event = ev.build_event(meta, scored, self.model, timings, self.clock(), item.source, item.size, mask,
-                               item.batch_id)
+                               item.batch_id, item.tiles)
         value = ev.encode_event(event)
         item.mask = None
         key = meta.camera_id.encode("utf-8")

@@ -6,7 +6,8 @@ submitted to the pool) and dispatches batches. While the model scores batch N, t
 model never waits for decoding or for the broker.
 
 Scoring (`ScoreStage`): one prompt snapshot per batch, frames grouped per category into sub-batches, each
-scored by `hpad.scorer.Scorer.score`. Out-of-memory splits a sub-batch in halves; a single frame is retried
+scored by `hpad.tiled_scoring.score_frames` (a frame by its ROI/tile plan, made at admission from its headers,
+the settings and its size; every tile of the sub-batch in one `hpad.scorer.Scorer.score_batch` call). Out-of-memory splits a sub-batch in halves; a single frame is retried
 with backoff, then dead-lettered (never dropped).
 
 Output (`consumers.output.OutputStage` + `consumers.delivery.Deliverer`): one event or dead letter per frame; flush; every
@@ -45,6 +46,8 @@ from consumers.prompt_provider import PromptProvider, PromptSnapshot
 from hpad.errors import FrameError
 from hpad.prompts import PromptSet
 from hpad.scorer import Scorer
+from hpad.tiled_scoring import score_frames
+from hpad.tiling import plan_tiles
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +91,8 @@ class Pipeline:
         self.fatal: BaseException | None = None
         self.hard_stop = threading.Event()
         # the model's input size: JPEGs are decoded at the smallest DCT scale that still covers it
-        self.decode_target = scorer.backbone.image_size if config.decode_scale == "auto" else None
+        self.model_size = scorer.backbone.image_size  # tile plans are made for it
+        self.decode_target = self.model_size if config.decode_scale == "auto" else None
         self.score_stage = ScoreStage(config, scorer, metrics, self.hard_stop)
         self.deliverer = Deliverer(producer, producer_factory, metrics, self.hard_stop,
                                    refusal_handler(config, utc_now), config.retry_backoff_s,
@@ -115,10 +119,14 @@ class Pipeline:
                 raise FrameError("unknown_category", f"category {item.meta.category!r} is not served here "
                                  f"(categories: {', '.join(self.provider.categories())})")
             item.size = inspect_frame(item.meta, value, self.config.limits)
+            item.plan = plan_tiles((item.size[1], item.size[0]), self.model_size, item.meta.tiling, item.meta.roi,
+                                   self.config.tiling)
+            # the smallest JPEG decode scale that keeps every tile at or above the model's input size
+            target = None if self.decode_target is None else item.plan.decode_target(self.decode_target)
             if self.config.gpu_decode and item.meta.content_type.kind == "jpeg":
                 item.encoded = value  # decoded with its batch on the scorer's device
             else:
-                item.decoding = self.pool.submit(_timed_decode, item.meta, value, item.size, self.decode_target)
+                item.decoding = self.pool.submit(_timed_decode, item.meta, value, item.size, target)
         except FrameError as exc:
             item.fail(exc)
         except Exception as exc:  # a parser bug must cost one frame (dead-lettered), never the partition
@@ -243,9 +251,9 @@ class ScoreStage:
             if item.error is None and book.is_current(item.tp, item.epoch):
                 assert item.meta is not None
                 groups[item.meta.category].append(item)
-        scored = sum(len(items) for items in groups.values())
+        scored = sum(item.tiles for items in groups.values() for item in items)
         if scored:
-            self.metrics.batch_size.observe(scored)
+            self.metrics.batch_size.observe(scored)  # model images: tiles of tiled frames, frames scored whole
         for category, items in groups.items():
             prompts = snapshot.get(category)
             if prompts is None:
@@ -302,7 +310,8 @@ class ScoreStage:
         try:
             assert all(item.size is not None for item in items)
             sizes = [(item.size[1], item.size[0]) for item in items]  # the header's size, whatever the decode scale
-            result = self.scorer.score_batch([item.pixels for item in items], prompts, sizes)
+            result = score_frames(self.scorer, [item.pixels for item in items], prompts, sizes,
+                                  [item.plan for item in items])
             wanted = [index for index, score in enumerate(result.pred_score)
                       if ev.wants_mask(self.config.mask_policy, float(score), prompts.threshold)]
             masks = result.masks(wanted, prompts.pixel_threshold) if wanted else {}

@@ -22,8 +22,10 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from consumers.contract import parse_tiling
 from hpad.defaults import DEFAULT_MODEL, default_pretrained_tag
-from hpad.errors import ConfigError
+from hpad.errors import ConfigError, FrameError
+from hpad.tiling import TilingPolicy
 
 ENV_PREFIX = "HPAD_"
 MiB = 1024 * 1024
@@ -107,6 +109,31 @@ class ModelSettings(KafkaSettings):
     laa_layers: int = Field(4, ge=0, description="LAA in the last N blocks")
     laa_radius: int = Field(1, ge=0, description="LAA window radius (1 = 3x3)")
     sigma: float = Field(4.0, ge=0, description="anomaly-map smoothing, pixels at model resolution")
+    # ROI and tiled scoring (hpad.tiling): the scorer's frames (which may override them with the `roi` and
+    # `tiling` headers) and the tuner's training data are cut alike
+    tiling: str = Field(
+        "auto", description="tiling of frames without a `tiling` header: auto (frames over HPAD_TILE_MIN_PIXELS "
+        "scored as tiles at the model's input size), off (whole frame), or COLSxROWS[@OVERLAP]")
+    tile_overlap: float = Field(0.25, ge=0, le=0.9, description="fraction of a tile shared with its neighbour "
+                                "(when the tiling gives no @OVERLAP)")
+    tile_min_pixels: int = Field(
+        2_000_000, ge=0, description="auto tiling scores a frame (or its ROI) whole up to this many pixels")
+    max_tiles: int = Field(64, ge=1, le=1024, description="most tiles a frame is cut into: auto tiling grows "
+                           "the tiles to fit, a larger COLSxROWS header is dead-lettered (bad_tiling)")
+
+    @field_validator("tiling")
+    @classmethod
+    def _check_tiling(cls, value: str) -> str:
+        try:
+            parse_tiling(value)
+        except FrameError as exc:
+            raise ValueError(str(exc)) from None
+        return value.strip().lower()
+
+    @property
+    def tiling_policy(self) -> TilingPolicy:
+        """The tiling defaults as the library takes them (the worker's frames, the tuner's training data)."""
+        return TilingPolicy(parse_tiling(self.tiling), self.tile_overlap, self.tile_min_pixels, self.max_tiles)
 
     @model_validator(mode="after")
     def _check_model(self) -> ModelSettings:
@@ -115,6 +142,8 @@ class ModelSettings(KafkaSettings):
             raise ValueError("choose one weights source: HPAD_PRETRAINED, HPAD_CHECKPOINT or HPAD_RANDOM_INIT")
         if self.precision == "fp16" and self.device == "cpu":
             raise ValueError("fp16 is for GPUs; on CPU use HPAD_PRECISION=bf16 or fp32")
+        if parse_tiling(self.tiling).tiles > self.max_tiles:
+            raise ValueError(f"HPAD_TILING {self.tiling} has more tiles than HPAD_MAX_TILES={self.max_tiles}")
         return self
 
     @property
@@ -172,7 +201,8 @@ class WorkerSettings(ModelSettings):
     normals_per_minute: float = Field(
         6.0, ge=0, description="most normal samples per category and minute from one worker (0 = off)")
     # batching and pipeline
-    max_batch_size: int = Field(8, ge=1, le=1024, description="most frames scored in one batch")
+    max_batch_size: int = Field(8, ge=1, le=1024, description="most model images scored in one batch: frames, or "
+                                "the tiles of tiled frames (a frame is never split across batches)")
     max_wait_ms: int = Field(20, ge=0, description="longest a frame waits for its batch to fill while the model is busy")
     decode_threads: int = Field(2, ge=1, le=64, description="image decode threads (OpenCV releases the GIL)")
     pipeline_depth: int = Field(2, ge=1, le=16, description="batches decoded ahead of the model")
@@ -204,6 +234,7 @@ class WorkerSettings(ModelSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
     _split_categories = field_validator("categories", mode="before")(split_csv)
+
 
     @field_validator("prompts_topic", "normals_topic", mode="before")
     @classmethod

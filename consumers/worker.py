@@ -68,7 +68,7 @@ def pipeline_config(s: WorkerSettings, name: str) -> PipelineConfig:
         default_category=s.default_category, mask_policy=s.mask_policy,
         max_request_size=s.producer_max_request_size, exactly_once=s.exactly_once,
         pipeline_depth=s.pipeline_depth, decode_threads=s.decode_threads, decode_scale=s.decode_scale,
-        gpu_decode=s.gpu_decode, oom_retries=s.oom_retries,
+        gpu_decode=s.gpu_decode, tiling=s.tiling_policy, oom_retries=s.oom_retries,
         retry_backoff_s=s.retry_backoff_ms / 1000, retry_backoff_max_s=s.retry_backoff_max_ms / 1000,
         flush_timeout_s=s.request_timeout_ms / 1000,
     )
@@ -234,7 +234,9 @@ class Worker(Stoppable):
         """poll -> admit -> form a batch -> dispatch -> commit, until a stop reason."""
         pipeline, checkpoint, rebalance = self.pipeline, self.checkpoint, self.rebalance
         assert pipeline is not None and checkpoint is not None and rebalance is not None
-        batch: BatchFormer[FrameItem] = BatchFormer(self.settings.max_batch_size, self.settings.max_wait_ms)
+        # the batch's size counts tiles (a tiled frame costs the model its tiles), so batches stay full
+        batch: BatchFormer[FrameItem] = BatchFormer(self.settings.max_batch_size, self.settings.max_wait_ms,
+                                                    weight=lambda item: item.tiles)
         changes = rebalance.changes
         while (reason := self._stop_reason(max_frames, deadline)) is None:
             self.health.beat()

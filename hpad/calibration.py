@@ -90,3 +90,37 @@ def lower_threshold_for_defects(threshold: float, defect_scores: np.ndarray, max
     if missed.size == 0:
         return float(threshold)
     return float(max(threshold - max_drop, missed.min()))
+
+
+def tiled_frame_scores(normal_tiles: list[np.ndarray], anomalous_tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Frame-level (labels [N], scores [N]) as the service scores tiled frames, the maximum over a frame's tiles:
+    each held-out normal frame (its tile scores, ``normal_tiles``) once as it is, and each anomalous tile score
+    once inside a normal frame (cycling through the frames), replacing one of that frame's tiles."""
+    if not normal_tiles or len(anomalous_tiles) == 0:
+        raise ConfigError("frame-level calibration needs normal frames and anomalous tiles")
+    normal = [float(np.max(t)) for t in normal_tiles]
+    anomalous = []
+    for i, score in enumerate(np.asarray(anomalous_tiles, dtype=np.float64)):
+        tiles = np.asarray(normal_tiles[i % len(normal_tiles)], dtype=np.float64)
+        rest = np.delete(tiles, i % len(tiles))
+        anomalous.append(max(float(score), float(rest.max()) if rest.size else -np.inf))
+    labels = np.array([0] * len(normal) + [1] * len(anomalous))
+    return labels, np.array(normal + anomalous)
+
+
+def recalibrate_image(calibration: Calibration, labels: np.ndarray, scores: np.ndarray, rule: str = "f1",
+                      normal_quantile: float = 0.99) -> Calibration:
+    """``calibration`` with its image threshold (and what it achieves) taken from frame-level ``labels`` /
+    ``scores`` instead (the pixel threshold is kept)."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    image_q = float(np.quantile(scores[~labels], normal_quantile))
+    image_f1, image_thr = f1_max_threshold(labels.astype(np.int64), scores)
+    threshold = image_thr if rule == "f1" else image_q
+    predicted = scores >= threshold
+    return Calibration(
+        threshold=float(threshold), pixel_threshold=calibration.pixel_threshold, image_F1Max=float(image_f1),
+        pixel_F1Max=calibration.pixel_F1Max, normal_quantile_threshold=image_q,
+        normal_false_alarm_rate=float(predicted[~labels].mean()), anomaly_recall=float(predicted[labels].mean()),
+        n_normal=int((~labels).sum()), n_anomalous=int(labels.sum()),
+    )

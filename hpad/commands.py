@@ -39,6 +39,26 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=int, default=8)
 
 
+def add_tiling_args(parser: argparse.ArgumentParser) -> None:
+    """ROI-less tiling of large images, with the service's defaults (HPAD_TILING, ... in `hpad serve`)."""
+    from hpad.tiling import TilingPolicy
+
+    d = TilingPolicy()
+    group = parser.add_argument_group("tiling of large images (as hpad serve scores them)")
+    group.add_argument("--tiling", default=d.default.describe(), help="auto (tiles at the model's input size above "
+                       "--tile-min-pixels), off, or COLSxROWS[@OVERLAP]")
+    group.add_argument("--tile-overlap", type=float, default=d.overlap, help="fraction shared with a neighbour tile")
+    group.add_argument("--tile-min-pixels", type=int, default=d.min_pixels, help="auto scores images up to this "
+                       "many pixels whole")
+    group.add_argument("--max-tiles", type=int, default=d.max_tiles, help="most tiles an image is cut into")
+
+
+def tiling_policy(ns: argparse.Namespace):
+    from hpad.tiling import TileSpec, TilingPolicy
+
+    return TilingPolicy(TileSpec.parse(ns.tiling), ns.tile_overlap, ns.tile_min_pixels, ns.max_tiles)
+
+
 def weights_spec(ns: argparse.Namespace) -> WeightsSpec:
     return model_config.weights_spec(model=ns.model, pretrained=ns.pretrained, checkpoint=ns.checkpoint,
                                      random_init=ns.random_init, cache_dir=ns.cache_dir,
@@ -58,6 +78,8 @@ def score_main(argv: Sequence[str]) -> int:
     """Score image files; prints one JSON line per image."""
     from hpad.data import read_image
     from hpad.masks import encode_mask_png
+    from hpad.tiled_scoring import score_frames
+    from hpad.tiling import plan_tiles
 
     parser = argparse.ArgumentParser(prog="hpad score", description=score_main.__doc__)
     parser.add_argument("images", nargs="+", type=Path)
@@ -65,7 +87,9 @@ def score_main(argv: Sequence[str]) -> int:
     parser.add_argument("--prompts", type=Path, help="prompt artifact (from hpad train) instead of zero-shot")
     parser.add_argument("--mask-out", type=Path, help="write <stem>_mask.png (binary) and <stem>_map.png here")
     add_model_args(parser)
+    add_tiling_args(parser)
     ns = parser.parse_args(list(argv))
+    policy = tiling_policy(ns)
     backbone = backbone_from_args(ns)
     scorer = Scorer(backbone, config=scorer_config(ns))
     prompts = load_prompts_or_zero_shot(scorer, ns.prompts, ns.category)
@@ -74,11 +98,13 @@ def score_main(argv: Sequence[str]) -> int:
     for start in range(0, len(ns.images), ns.batch_size):
         paths = ns.images[start : start + ns.batch_size]
         frames = [read_image(path) for path in paths]
-        result = scorer.score(frames, prompts)
-        for path, score, amap in zip(paths, result.pred_score, result.anomaly_map, strict=True):
+        plans = [plan_tiles(f.shape[:2], backbone.image_size, None, None, policy) for f in frames]
+        result = score_frames(scorer, frames, prompts, plans=plans)
+        for path, score, amap, tiles in zip(paths, result.pred_score, result.anomaly_maps(), result.tiles, strict=True):
             record = {
                 "image": str(path),
                 "pred_score": round(float(score), 6),
+                "tiles": tiles,
                 "pred_label": int(score >= prompts.threshold),
                 "threshold": prompts.threshold,
                 "prompts": prompts.label(),
@@ -214,8 +240,10 @@ def train_main(argv: Sequence[str]) -> int:
     parser.add_argument("--version", type=int, default=1, help="prompt version stored in the artifact")
     add_model_args(parser)
     add_train_args(parser)
+    add_tiling_args(parser)
     ns = parser.parse_args(list(argv))
     config = train_config(ns)
+    policy = tiling_policy(ns)
     data = load_category(ns.data, ns.category)
     shots = sample_shots(data.train, ns.shots, ns.seed)
     backbone = backbone_from_args(ns)
@@ -226,7 +254,7 @@ def train_main(argv: Sequence[str]) -> int:
             bar.set_postfix(loss=f"{record['loss']:.4f}", val=f"{record['val_loss']:.4f}")
             bar.update(1)
 
-        result = train(scorer, normals, ns.category, config, progress=progress)
+        result = train(scorer, normals, ns.category, config, progress=progress, tiling=policy)
     data_bytes = build_artifact(result, k=ns.shots, image_size=backbone.image_size, version=ns.version,
                                 extra={"shots": [str(p) for p in shots]})
     save_artifact(ns.out, data_bytes)

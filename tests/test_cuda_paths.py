@@ -1,5 +1,5 @@
-"""Every tensor path on a (fake) CUDA device: preprocessing, LAA encoder, scoring, few-shot memory, masks, OAGM
-saliency, one MPTS step and the tuner's labelled pool.
+"""Every tensor path on a (fake) CUDA device: preprocessing, LAA encoder, scoring, few-shot memory, masks, tiled
+scoring (crops, blend, masks of tiled frames), OAGM saliency, one MPTS step and the tuner's labelled pool.
 
 On this CPU-only machine the device is torch's FakeTensorMode (`tests.fake_cuda`): an op that mixes cuda and
 cpu tensors raises, and so does integer resampling on cuda (no such CUDA kernel). The same paths run on a
@@ -90,6 +90,28 @@ def test_memory_and_masks_on_cuda(fake, fake_scorer):
     bits, counts = pack_mask_bits(scores.maps, (90, 130), 0.5)  # what ScoredBatch.masks runs
     assert is_fake_cuda(bits) and bits.dtype == torch.uint8 and tuple(bits.shape) == (2, 90, 17)
     assert is_fake_cuda(counts)
+    assert fake.guard.syncs == 0
+
+
+def test_tiles_cropped_scored_and_blended_on_cuda(fake, fake_scorer):
+    """A frame decoded on the device (nvJPEG) and a host frame at half scale, both tiled inside an ROI: crops,
+    the one encoder pass over all tiles, the blend and the full-size mask all stay on the device."""
+    from hpad.tiled_scoring import blend_tile_maps, crop_tiles
+    from hpad.tiling import OFF, Box, TileSpec, plan_tiles
+
+    size = fake.backbone.image_size
+    plan = plan_tiles((200, 260), size, TileSpec("grid", 3, 2, 0.25), Box(10, 20, 240, 170), OFF)
+    on_device = torch.zeros(3, 200, 260, dtype=torch.uint8, device="cuda")
+    crops = crop_tiles(on_device, plan) + crop_tiles(_frames(1, (100, 130, 3))[0], plan)  # the host one at 1/2
+    assert all(is_fake_cuda(c) for c in crops[:6]) and len(crops) == 12
+    prompts = fake_scorer.check_prompts(fake_scorer.prompts)
+    scored = fake_scorer.score_tensors(fake_scorer.encode(crops), prompts)
+    for part in (scored.maps[:6], scored.maps[6:]):
+        blended = blend_tile_maps(part, plan)
+        assert is_fake_cuda(blended) and tuple(blended.shape) == (200, 260) and blended.dtype == torch.float32
+        bits, counts = pack_mask_bits(blended[None], (200, 260), 0.5)  # what FrameScores.masks runs
+        assert is_fake_cuda(bits) and tuple(bits.shape) == (1, 200, 33) and is_fake_cuda(counts)
+    assert is_fake_cuda(scored.pred_score[:6].amax())  # the frame's score: max over its tiles, on the device
     assert fake.guard.syncs == 0
 
 

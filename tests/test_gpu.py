@@ -75,6 +75,31 @@ def test_scores_maps_and_masks_match_the_cpu(gpu_scorer, tiny_scorer):
         assert disagree < 0.02, (index, disagree)  # only pixels within float error of the threshold
 
 
+def test_tiled_frames_with_roi_match_the_cpu(gpu_scorer, tiny_scorer):
+    """ROI + tiles: crops, one encoder pass, blend and full-size masks on the device; a frame decoded there
+    (uint8 [3, H, W] on the device, as nvJPEG returns it) tiles like the host array."""
+    from hpad.tiled_scoring import score_frames
+    from hpad.tiling import OFF, Box, TileSpec, plan_tiles
+
+    frames = _frames(2, (300, 400, 3), seed=3)
+    size = gpu_scorer.backbone.image_size
+    plans = [plan_tiles((300, 400), size, TileSpec("grid", 3, 2, 0.25), None, OFF),
+             plan_tiles((300, 400), size, TileSpec("grid", 2, 2, 0.1), Box(20, 10, 300, 250), OFF)]
+    on_device = torch.from_numpy(frames[1]).permute(2, 0, 1).contiguous().to(gpu_scorer.backbone.device)
+    gpu = score_frames(gpu_scorer, [frames[0], on_device], plans=plans)
+    cpu = score_frames(tiny_scorer, frames, plans=plans)
+    assert gpu.tiles == cpu.tiles == [6, 4]
+    assert all(m.device.type == torch.device(DEVICE).type for m in gpu.maps)
+    np.testing.assert_allclose(gpu.pred_score, cpu.pred_score, atol=1e-3)
+    for g, c in zip(gpu.anomaly_maps(), cpu.anomaly_maps(), strict=True):
+        assert g.shape == c.shape == (300, 400) and np.abs(g - c).max() < 1e-2
+    assert np.all(gpu.anomaly_maps()[1][:10] == 0)  # outside the ROI
+    threshold = float(np.median(cpu.anomaly_maps()[0]))
+    gpu_masks, cpu_masks = gpu.masks([0, 1], threshold), cpu.masks([0, 1], threshold)
+    for index in (0, 1):
+        assert np.mean(gpu_masks[index].unpack() != cpu_masks[index].unpack()) < 0.02
+
+
 def test_few_shot_memory_on_the_device(gpu_scorer, tiny_scorer):
     references = _objects(2)
     memory = gpu_scorer.build_memory(references)

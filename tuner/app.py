@@ -53,6 +53,7 @@ from hpad.errors import ConfigError, FrameError, HpadError
 from hpad.io import atomic_write_text
 from hpad.mpts import Pool
 from hpad.scorer import Scorer
+from hpad.tiling import TileSpec, plan_tiles
 from tuner.feedback import FeedbackStore, admit_defects, admit_false_alarms, parse_feedback
 from tuner.job import TuneOutcome, candidate_artifact, encode_labelled, tune_category
 from tuner.metrics import TunerMetrics
@@ -124,7 +125,7 @@ def drop_reason(error: FrameError) -> str:
         return "unknown_category"
     if error.reason in ("payload_too_large", "too_many_pixels", "bad_dimensions"):
         return "too_large"
-    if error.reason in ("missing_header", "invalid_header", "unsupported_content_type"):
+    if error.reason in ("missing_header", "invalid_header", "unsupported_content_type", "roi_outside_frame"):
         return "bad_header"
     return "undecodable"
 
@@ -288,6 +289,9 @@ class Tuner(Stoppable):
             if meta.category not in self.settings.categories:
                 raise FrameError("unknown_category", f"category {meta.category!r} is not tuned here")
             pixels = decode_frame(meta, value, inspect_frame(meta, value, self.limits))
+            if meta.roi is not None:  # the scorers score only the ROI: so does training
+                roi = plan_tiles(pixels.shape[:2], (1, 1), TileSpec("off"), meta.roi).roi
+                pixels = np.ascontiguousarray(pixels[roi.y : roi.y + roi.h, roi.x : roi.x + roi.w])
         except FrameError as exc:
             reason = drop_reason(exc)
             self.metrics.dropped.labels(reason=reason).inc()

@@ -14,6 +14,10 @@ Splits (disjoint, newest frames favoured for training):
   OAGM and labelled masks), and they may lower the candidate's threshold by at most
   ``max_threshold_drop`` so that they are caught (`hpad.calibration.lower_threshold_for_defects`).
 
+With the scorers' tiling policy (``TuneConfig.tiling``, the same HPAD_TILING settings), high-resolution normals
+are cut into the tiles the scorers score (`hpad.tiled_scoring.training_views`) for training, memory and the
+gate, and the image threshold is calibrated on frame-level (max over tiles) scores (`hpad.training.train`).
+
 The gate (`gate`) publishes only when every number is finite and the candidate's gate score (mean of image
 and pixel AUROC, or image AUROC alone when no pixel labels exist) is not worse than the current version's
 by more than ``margin``. Both scores are recorded either way.
@@ -44,6 +48,8 @@ from hpad.mpts import (
 from hpad.oagm import object_masks
 from hpad.prompts import PromptSet
 from hpad.scorer import Scorer
+from hpad.tiled_scoring import training_views
+from hpad.tiling import TilingPolicy
 from hpad.training import build_artifact, train
 
 
@@ -56,6 +62,7 @@ class TuneConfig:
     margin: float = 0.02
     train: TrainConfig = field(default_factory=TrainConfig)
     max_threshold_drop: float = 0.05  # confirmed defects lower the threshold by at most this
+    tiling: TilingPolicy | None = None  # the scorers' policy: large normals are cut into their tiles
 
     def __post_init__(self) -> None:
         if self.shots < 1 or self.gate_normals < 1 or self.gate_anomalies < 1:
@@ -160,7 +167,12 @@ def tune_category(
     if ctx is not None and ctx.shape[1] == config.train.n_ctx:
         init_ctx = ctx
     train_config = replace(config.train, seed=seed)
-    result = train(scorer, train_frames, category, train_config, init_ctx=init_ctx, val_normals=early)
+    result = train(scorer, train_frames, category, train_config, init_ctx=init_ctx, val_normals=early,
+                   tiling=config.tiling)
+    if config.tiling is not None:  # the gate scores what the scorers score: tiles of large frames
+        size = scorer.backbone.image_size
+        train_frames = training_views(train_frames, size, config.tiling)[0]
+        gate_frames = training_views(gate_frames, size, config.tiling)[0]
     rng = np.random.default_rng(seed + 7_919)
     regions = object_masks(scorer, train_frames, train_config.oagm)
     gate_pool = build_pool(scorer, rng, train_frames, regions, 0, config.gate_anomalies, train_config.oagm,

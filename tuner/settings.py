@@ -119,4 +119,5 @@ class TunerSettings(ModelSettings):
                             oagm=OAGMConfig(on_object=self.oagm_on_object))
         return TuneConfig(shots=self.shots, min_normals=self.min_normals, gate_normals=self.gate_normals,
                           gate_anomalies=self.gate_anomalies, margin=self.margin, train=train,
-                          max_threshold_drop=self.feedback_max_threshold_drop)
+                          max_threshold_drop=self.feedback_max_threshold_drop,
+                          tiling=self.tiling_policy)

@@ -72,6 +72,7 @@ ADMITTER = SimpleNamespace(
     provider=StaticPromptProvider({category: object() for category in CATEGORIES}),  # any non-None set
     pool=SyncPool(),
     decode_target=None,  # full-size decoding: the property below checks the header's size
+    model_size=(64, 64),  # tile plans (roi / tiling headers) are made for it
 )
 
 
