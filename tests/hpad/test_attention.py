@@ -144,7 +144,8 @@ def test_fast_masked_block_equals_additive_mask_path(tiny_backbone):
 
 
 def test_run_blocks_stops_before_a_block(tiny_backbone, pixels):
-    """run_blocks(x, stop=-1) gives the tokens entering the last block: one more block_forward ends the tower."""
+    """run_blocks(x, stop=-1) gives the class-token path's tokens entering the last block: one more cls_block_forward
+    ends the tower."""
     visual = tiny_backbone.model.visual
     blocks = visual.transformer.resblocks
     encoder = LocalityAwareEncoder(visual, LAAConfig(layers=2, radius=1))
@@ -153,5 +154,5 @@ def test_run_blocks_stops_before_a_block(tiny_backbone, pixels):
         before_last = encoder.run_blocks(x, stop=-1)
         assert torch.equal(encoder.run_blocks(x, stop=len(blocks) - 1), before_last)
         assert torch.equal(encoder.run_blocks(x, stop=0), x)
-        full = encoder.block_forward(len(blocks) - 1, blocks[-1], before_last)
+        full = encoder.cls_block_forward(len(blocks) - 1, blocks[-1], before_last)
         assert torch.equal(full, encoder.run_blocks(x))
