@@ -314,12 +314,11 @@ def build_pool(scorer: Scorer, rng: np.random.Generator, normals: Sequence[np.nd
             generators.append("normal")
         else:
             synthetic = synthesize(rng, view, region, oagm)
-            mask = mask_to_model(synthetic.mask, size)
-            if not bool(mask.any()):
+            if not np.any(synthetic.mask):  # max-pooling keeps any non-empty mask non-empty
                 dropped += 1
                 continue
             images.append(synthetic.image)
-            masks.append(mask)
+            masks.append(mask_to_model(synthetic.mask, size))
             generators.append(synthetic.generator)
         item_sources.append(owners[source])
     if dropped:

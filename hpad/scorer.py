@@ -369,7 +369,8 @@ class Scorer:
         problems = self.method_differences(prompts)
         if problems:
             raise ConfigError(
-                f"prompt set {prompts.label()} was learned under other method choices: {'; '.join(problems)}. "
+                f"prompt set {prompts.label()} was learned under other method choices (LAA, memory, fusion, "
+                f"logit scale): {'; '.join(problems)}. "
                 "Run the scorer with the same options (or retrain the prompts under these)"
             )
         if prompts.memory is not None and prompts.memory.shape[-1] != self.memory_dim:
