@@ -57,7 +57,7 @@ ENCODERS: dict[str, tuple[LAAConfig, str]] = {
 }
 DEFAULT_ENCODER = "dual path, vv, no MLP (default)"
 FUSIONS = {"memory only": ("linear", 1.0), "text only": ("linear", 0.0), "linear 50/50 (old)": ("linear", 0.5),
-           "harmonic (PromptAD)": ("harmonic", 0.5), "normalized (default)": ("normalized", 0.5)}
+           "harmonic (PromptAD, default)": ("harmonic", 0.5), "normalized on held-out normals": ("normalized", 0.5)}
 
 
 def test_subset(data, max_test: int, seed: int) -> list:
@@ -179,19 +179,20 @@ def speed(model: str, precision: str, batch: int, repeats: int) -> dict[str, lis
         "dual path, vv, no MLP": ScorerConfig(memory_blocks=()),
         f"dual path, vv, no MLP + memory taps {default_memory_blocks(depth)} (default)": ScorerConfig(),
     }
-    encoder_rows = []
-    base = None
-    for name, config in variants.items():
-        scorer = Scorer.zero_shot(backbone, "bottle", config)
-        times = []
-        with torch.inference_mode():
-            for i in range(repeats + 1):
+    scorers = {name: Scorer.zero_shot(backbone, "bottle", config) for name, config in variants.items()}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    with torch.inference_mode():
+        for name in variants:  # warm-up
+            scorers[name].encoder(pixels)
+        for _ in range(repeats):  # interleaved, so a change in machine load hits every variant alike
+            for name, scorer in scorers.items():
                 start = time.perf_counter()
                 scorer.encoder(pixels)
-                if i:
-                    times.append(time.perf_counter() - start)
-        per_image = median(times) / batch
-        base = per_image if base is None else base
+                times[name].append(time.perf_counter() - start)
+    base = median(times[next(iter(variants))]) / batch
+    encoder_rows = []
+    for name in variants:
+        per_image = median(times[name]) / batch
         encoder_rows.append({"variant": name, "s_per_image": round(per_image, 4), "vs_old": round(per_image / base, 3)})
         print(encoder_rows[-1], file=sys.stderr)
     scoring_rows = []
@@ -248,7 +249,7 @@ def main() -> int:
     parser.add_argument("--speed-model", default="ViT-B-16-plus-240")
     parser.add_argument("--speed-precision", default="bf16")
     parser.add_argument("--speed-batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data", type=Path, default=SHARED_DATA if SHARED_DATA.is_dir() else Path("/work/shared/data"),
                         help="folder holding mvtec/bottle and magnetic_tile")

@@ -111,7 +111,7 @@ class ModelSettings(KafkaSettings):
     laa_patch_mlp: bool = Field(False, description="run the block MLP on the LAA path (CLIP Surgery skips it)")
     memory_blocks: str = Field("auto", description="few-shot memory features: auto (blocks 3,8 of 12, scaled), final, or e.g. 3,8")
     memory_path: Literal["laa", "vanilla"] = Field("laa", description="path the memory reads LAA blocks from")
-    fusion: Literal["normalized", "harmonic", "linear"] = Field("normalized", description="text + memory fusion")
+    fusion: Literal["harmonic", "normalized", "linear"] = Field("harmonic", description="text + memory fusion")
     logit_scale: float | None = Field(None, gt=0, description="softmax logit scale of text scores (unset: the model's, max 100)")
     sigma: float = Field(4.0, ge=0, description="anomaly-map smoothing, pixels at model resolution")
 

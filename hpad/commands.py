@@ -45,7 +45,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     method.add_argument("--memory-blocks", default="auto",
                         help="memory features: auto (blocks 3,8 of 12, scaled), final (projected tokens), or 3,8")
     method.add_argument("--memory-path", choices=["laa", "vanilla"], default=ScorerConfig().memory_path)
-    method.add_argument("--fusion", choices=["normalized", "harmonic", "linear"], default=ScorerConfig().fusion)
+    method.add_argument("--fusion", choices=["harmonic", "normalized", "linear"], default=ScorerConfig().fusion)
     method.add_argument("--memory-weight", type=float, default=ScorerConfig().memory_weight)
     method.add_argument("--logit-scale", type=float, default=None, help="text softmax scale (default: the model's)")
     group.add_argument("--batch-size", type=int, default=8)

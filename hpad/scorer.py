@@ -12,8 +12,9 @@ Pipeline (all batched tensor ops on the scorer's device, no PIL):
 4. Optional few-shot memory (WinCLIP+ / PromptAD style): each patch's distance to its nearest normal
    reference patch, (1 - cos) / 2, on the features of ``memory_blocks`` (PromptAD / PatchCore: intermediate
    blocks; empty = the projected patch tokens), fused with the text map by `memory_weight` under ``fusion``
-   (`fuse`: ``normalized`` puts both on the scale of held-out normals first, ``harmonic`` is PromptAD's,
-   ``linear`` the old 50/50 sum of unlike scales); the image score is fused with the memory map's maximum.
+   (`fuse`: ``harmonic`` is PromptAD's (the default: it kept the memory's signal best in
+   benchmarks/ablation.py), ``normalized`` puts both on the scale of held-out normals first, ``linear`` is the
+   old 50/50 sum of unlike scales); the image score is fused with the memory map's maximum.
 5. Patch map [Gh, Gw] -> bilinear to the model's input size -> Gaussian blur (``sigma`` px at that size) ->
    bilinear to each frame's own size.
 
@@ -44,7 +45,7 @@ from hpad.frames import check_frame
 from hpad.masks import PackedMask
 from hpad.prompts import ANOMALOUS, PromptSet, zero_shot_prompt_set
 
-FUSIONS = ("normalized", "harmonic", "linear")
+FUSIONS = ("harmonic", "normalized", "linear")
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class ScorerConfig:
     max_batch: int = 32
     memory_blocks: tuple[int, ...] | None = None
     memory_path: str = "laa"
-    fusion: str = "normalized"
+    fusion: str = "harmonic"
     logit_scale: float | None = None
 
     def __post_init__(self) -> None:

@@ -276,7 +276,7 @@ def test_artifact_records_every_choice_and_mismatch_is_refused(tiny_backbone, ti
     assert artifact.prompts.fusion_scales == (0.5, 0.2, 0.5, 0.2)
     tiny_scorer.check_prompts(artifact.prompts)  # the same choices: accepted
     cases = {
-        "fusion": ScorerConfig(fusion="harmonic"),
+        "fusion": ScorerConfig(fusion="normalized"),
         "laa.dual_path": ScorerConfig(laa=LAAConfig(dual_path=False)),
         "laa.kernel": ScorerConfig(laa=LAAConfig(kernel="qk")),
         "memory_path": ScorerConfig(memory_path="vanilla"),
@@ -289,7 +289,7 @@ def test_artifact_records_every_choice_and_mismatch_is_refused(tiny_backbone, ti
             Scorer.zero_shot(tiny_backbone, "widget", config).check_prompts(artifact.prompts)
     # memory and fusion choices do not matter for a set without a memory
     plain = read_artifact(build_artifact_bytes(_learned(tiny_scorer, memory=False), version=1)).prompts
-    Scorer.zero_shot(tiny_backbone, "widget", ScorerConfig(fusion="harmonic", memory_weight=0.2)).check_prompts(plain)
+    Scorer.zero_shot(tiny_backbone, "widget", ScorerConfig(fusion="normalized", memory_weight=0.2)).check_prompts(plain)
     with pytest.raises(ConfigError, match=r"laa\.kernel"):
         Scorer.zero_shot(tiny_backbone, "widget", ScorerConfig(laa=LAAConfig(kernel="qk"))).check_prompts(plain)
 
