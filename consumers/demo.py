@@ -263,8 +263,10 @@ class Demo:
 
     def publish_verified(self, broker: EmbeddedBroker) -> int:
         """What an operator does: publish known-good frames with ``verified=true`` to the normals topic."""
-        folder = self.ns.data.parent.parent / "train" / "good"
-        paths = sorted(folder.glob("*.png"))[: self.ns.verified] if folder.is_dir() else []
+        # the category's train/good beside the streamed test/ folder (``.../bottle/test`` -> ``.../bottle/train/good``)
+        folder = next((f for f in (self.ns.data.parent / "train" / "good", self.ns.data.parent.parent / "train" / "good")
+                       if f.is_dir()), None)
+        paths = sorted(folder.glob("*.png"))[: self.ns.verified] if folder is not None else []
         if not paths:
             generated = generated_images(self.workdir / "verified", count=4 * self.ns.verified)
             paths = [p for i, p in enumerate(sorted(generated.glob("*.png"))) if i % 4 != 3][: self.ns.verified]
