@@ -166,13 +166,16 @@ class Stats:
     first: float | None = None  # monotonic time of the first output
     versions: Counter = field(default_factory=Counter)  # prompt_version -> events
     swaps: list = field(default_factory=list)  # (seconds since start, old version, new version, events so far)
+    truth: Counter = field(default_factory=Counter)  # (prompt_version, "good"/"defective", flagged) -> events
 
     @property
     def done(self) -> int:
         return self.events + sum(self.dead.values())
 
-    def add_event(self, event: dict, now: datetime) -> None:
+    def add_event(self, event: dict, now: datetime, truth: str | None = None) -> None:
         version = int(event["prompt_version"])
+        if truth is not None:
+            self.truth[(version, truth, bool(event["is_anomaly"]))] += 1
         if self.versions and version > max(self.versions):
             self.swaps.append((time.monotonic() - self.started, max(self.versions), version, self.events))
         self.versions[version] += 1
@@ -227,6 +230,7 @@ class Demo:
         self.stats = Stats(random_weights=not (ns.pretrained or ns.checkpoint))
         self._injected = False
         self._tuner_reported = False
+        self.truth_by_index: list[str] = []  # ground truth of the camera's images, in its streaming order
 
     def broker(self) -> EmbeddedBroker | ApacheKafka:
         """``--broker``: the embedded tansu broker (default) or a one-node Apache Kafka (consumers/apache_kafka.py)."""
@@ -282,8 +286,10 @@ class Demo:
 
     def publish_verified(self, broker: EmbeddedBroker) -> int:
         """What an operator does: publish known-good frames with ``verified=true`` to the normals topic."""
-        folder = self.ns.data.parent.parent / "train" / "good"
-        paths = sorted(folder.glob("*.png"))[: self.ns.verified] if folder.is_dir() else []
+        # the category's train/good beside the streamed test/ folder (``.../bottle/test`` -> ``.../bottle/train/good``)
+        folder = next((f for f in (self.ns.data.parent / "train" / "good", self.ns.data.parent.parent / "train" / "good")
+                       if f.is_dir()), None)
+        paths = sorted(folder.glob("*.png"))[: self.ns.verified] if folder is not None else []
         if not paths:
             generated = generated_images(self.workdir / "verified", count=4 * self.ns.verified)
             paths = [p for i, p in enumerate(sorted(generated.glob("*.png"))) if i % 4 != 3][: self.ns.verified]
@@ -330,6 +336,7 @@ class Demo:
             for name, partitions in (("frames", 3), ("events", 3), ("dlq", 1), ("normals", 1), ("prompts", 1)):
                 broker.create_topic(TOPICS[name], partitions)
             data = self.data_dir()
+            self.truth_by_index = ground_truth(data)
             self.plan(broker, data)
             print(f"broker {broker.bootstrap}; logs in {self.workdir}; frames from {data}")
             print(f"worker metrics: http://127.0.0.1:{self.metrics_port}/metrics  (also /healthz, /readyz)")
@@ -404,7 +411,8 @@ class Demo:
     def record(self, topic: str, record) -> None:
         if topic == TOPICS["events"]:
             swaps = len(self.stats.swaps)
-            self.stats.add_event(json.loads(record.value), datetime.now(UTC))
+            event = json.loads(record.value)
+            self.stats.add_event(event, datetime.now(UTC), frame_truth(event["frame_id"], self.truth_by_index))
             if len(self.stats.swaps) > swaps:
                 at, old, new, count = self.stats.swaps[-1]
                 print(f">>> prompt swap on the live line after {at:.0f} s: events now carry prompt_version {new} "
@@ -425,6 +433,8 @@ class Demo:
             swaps = "; ".join(f"v{old} -> v{new} after {at:.0f} s" for at, old, new, _ in s.swaps) or \
                 f"none within --swap-wait {self.ns.swap_wait:.0f} s (see {self.workdir / 'tuner.log'})"
             print(f"prompt versions in events: {versions or '-'} (v0 = zero-shot); swaps: {swaps}")
+        for line in truth_lines(s.truth):
+            print(line)
         if latencies:
             print(f"end-to-end latency (camera capture -> event read): p50 {statistics.median(latencies):.0f} ms, "
                   f"p99 {s.percentile(0.99):.0f} ms")
@@ -438,6 +448,37 @@ class Demo:
                 if ": captured " in line or "stream resumed" in line or "stream dropped" in line:
                     print(line.split("hpad.camera: ", 1)[-1])
         print(f"exit codes: {codes}; logs in {self.workdir}")
+
+
+def ground_truth(folder: Path) -> list[str]:
+    """"good" / "defective" for each image the camera streams from ``folder``, in its order (`find_images`):
+    an image in a ``good`` folder is good (MVTec layout ``test/good``), any other folder holds defects."""
+    from consumers.camera import find_images
+
+    return ["good" if p.parent.name == "good" else "defective" for p in find_images(folder)]
+
+
+def frame_truth(frame_id: str, truth_by_index: list[str]) -> str | None:
+    """The ground truth of a camera frame: its frame id ends in the camera's sequence number (``<camera>-<run>-
+    <seq>``) and the camera loops over its sorted images, so frame ``seq`` is image ``seq % len(images)``.
+    None for frames not from the camera (poison frames) or without images."""
+    seq = frame_id.rsplit("-", 1)[-1]
+    if not truth_by_index or not seq.isdigit() or not frame_id.startswith("cam-"):
+        return None
+    return truth_by_index[int(seq) % len(truth_by_index)]
+
+
+def truth_lines(truth: Counter) -> list[str]:
+    """Flagged share of good and of defective frames, per prompt version (the summary's split)."""
+    lines = []
+    for version in sorted({v for v, _, _ in truth}):
+        parts = []
+        for kind in ("good", "defective"):
+            flagged, total = truth[(version, kind, True)], truth[(version, kind, True)] + truth[(version, kind, False)]
+            if total:
+                parts.append(f"{kind} frames flagged {flagged} of {total} ({100 * flagged / total:.0f} %)")
+        lines.append(f"prompts v{version}: " + "; ".join(parts))
+    return lines
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

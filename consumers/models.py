@@ -25,9 +25,11 @@ def build_scorer(settings: ModelSettings, max_batch: int = 8) -> Scorer:
         seed=settings.seed,
     )
     backbone = load_backbone(spec, device=settings.device, precision=settings.precision)
-    return Scorer(backbone, config=scorer_config(laa=settings.laa, laa_layers=settings.laa_layers,
-                                                 laa_radius=settings.laa_radius, sigma=settings.sigma,
-                                                 max_batch=max_batch))
+    return Scorer(backbone, config=scorer_config(
+        laa=settings.laa, laa_layers=settings.laa_layers, laa_radius=settings.laa_radius, sigma=settings.sigma,
+        max_batch=max_batch, dual_path=settings.laa_dual_path, kernel=settings.laa_kernel,
+        patch_mlp=settings.laa_patch_mlp, memory_blocks=settings.memory_blocks, memory_path=settings.memory_path,
+        fusion=settings.fusion, logit_scale=settings.logit_scale))
 
 
 def model_info(scorer: Scorer, precision: str) -> ModelInfo:

@@ -108,6 +108,13 @@ class ModelSettings(KafkaSettings):
     laa: bool = Field(True, description="Locality-Aware Attention on")
     laa_layers: int = Field(4, ge=0, description="LAA in the last N blocks")
     laa_radius: int = Field(1, ge=0, description="LAA window radius (1 = 3x3)")
+    laa_dual_path: bool = Field(True, description="vanilla path for the class token, LAA path for the patches")
+    laa_kernel: Literal["vv", "qk"] = Field("vv", description="LAA path attention: vv (CLIP Surgery) or qk")
+    laa_patch_mlp: bool = Field(False, description="run the block MLP on the LAA path (CLIP Surgery skips it)")
+    memory_blocks: str = Field("auto", description="few-shot memory features: auto (blocks 3,8 of 12, scaled), final, or e.g. 3,8")
+    memory_path: Literal["laa", "vanilla"] = Field("laa", description="path the memory reads LAA blocks from")
+    fusion: Literal["harmonic", "normalized", "linear"] = Field("harmonic", description="text + memory fusion")
+    logit_scale: float | None = Field(None, gt=0, description="softmax logit scale of text scores (unset: the model's, max 100)")
     sigma: float = Field(4.0, ge=0, description="anomaly-map smoothing, pixels at model resolution")
     # ROI and tiled scoring (hpad.tiling): the scorer's frames (which may override them with the `roi` and
     # `tiling` headers) and the tuner's training data are cut alike

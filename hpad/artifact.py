@@ -31,10 +31,11 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from hpad.attention import LAAConfig
+from hpad.attention import LAAConfig, config_differences
 from hpad.errors import ArtifactError, ConfigError
 from hpad.io import atomic_write_bytes
 from hpad.prompts import PromptSet
+from hpad.scorer import LEGACY_METHOD
 
 FORMAT = "hpad-prompts"
 FORMAT_VERSION = 1
@@ -107,6 +108,8 @@ def build_artifact_bytes(
         "random_weights": weights == "random-init",
         "image_size": list(image_size) if image_size else None,
         "laa": prompts.laa.describe() if prompts.laa is not None else None,
+        "method": prompts.method,
+        "fusion_scales": list(prompts.fusion_scales) if prompts.fusion_scales is not None else None,
         "threshold": float(prompts.threshold),
         "pixel_threshold": float(prompts.pixel_threshold),
         "source": prompts.source,
@@ -166,12 +169,15 @@ def _check_tensors(tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -
     if text is None or text.ndim != 2 or text.shape[0] != 2:
         shape = None if text is None else tuple(text.shape)
         raise ArtifactError(f"artifact text_features must be [2, D], got {shape}")
-    dim = text.shape[1]
     ctx, memory = tensors.get("ctx"), tensors.get("memory")
     if ctx is not None and (ctx.ndim != 3 or ctx.shape[0] != 2):
         raise ArtifactError(f"artifact ctx must be [2, n_ctx, W], got {tuple(ctx.shape)}")
-    if memory is not None and (memory.ndim != 2 or memory.shape[1] != dim):
-        raise ArtifactError(f"artifact memory must be [M, {dim}], got {tuple(memory.shape)}")
+    if memory is not None and memory.ndim != 2:  # its width is the scorer's memory features' (checked there)
+        raise ArtifactError(f"artifact memory must be [M, F], got {tuple(memory.shape)}")
+    scales = manifest.get("fusion_scales")
+    if scales is not None and (not isinstance(scales, list) or len(scales) != 4
+                               or not all(isinstance(v, int | float) and math.isfinite(v) and v > 0 for v in scales)):
+        raise ArtifactError(f"artifact fusion_scales must be 4 positive finite numbers, got {scales!r}")
     for name, tensor in tensors.items():
         if not torch.isfinite(tensor.float()).all():
             raise ArtifactError(f"artifact tensor {name} contains NaN or Inf")
@@ -216,12 +222,13 @@ def read_artifact(
     if expected_category is not None and manifest["category"] != expected_category:
         raise ArtifactError(f"artifact is for category {manifest['category']!r}, expected {expected_category!r}",
                             reason="wrong_category")
-    laa = LAAConfig(**manifest["laa"]) if manifest.get("laa") else None
+    laa = LAAConfig.from_record(manifest["laa"]) if manifest.get("laa") else None
     if expected_laa is not None and laa is not None and laa != expected_laa:
-        raise ArtifactError(
-            f"artifact was learned with LAA {laa.describe()}, but the scorer runs {expected_laa.describe()}",
-            reason="wrong_laa",
-        )
+        diffs = config_differences(laa.describe(), expected_laa.describe(), "laa.")
+        raise ArtifactError(f"artifact was learned with other LAA choices: {'; '.join(diffs)}", reason="wrong_laa")
+    method = manifest.get("method")
+    if method is None:  # written before the method record: what it was learned with
+        method = {**LEGACY_METHOD, **({"laa": laa.describe()} if laa is not None else {})}
     memory = tensors.get("memory")
     prompts = PromptSet(
         category=manifest["category"],
@@ -234,6 +241,8 @@ def read_artifact(
         memory=None if memory is None else memory.float(),
         sha256=manifest["sha256"],
         laa=laa,
+        method=method,
+        fusion_scales=tuple(float(v) for v in scales) if (scales := manifest.get("fusion_scales")) else None,
     )
     return PromptArtifact(prompts=prompts, ctx=tensors.get("ctx"), manifest=manifest)
 
@@ -248,7 +257,7 @@ def with_version(artifact: PromptArtifact, version: int, **extra: Any) -> bytes:
     """Re-issue an artifact's content under a new version number (rollback, registry publish)."""
     keep = {k: v for k, v in artifact.manifest.items()
             if k not in ("format", "format_version", "version", "category", "model", "weights", "model_identity",
-                         "random_weights", "laa", "threshold", "pixel_threshold", "source", "created_at", "sha256")}
+                         "random_weights", "laa", "method", "fusion_scales", "threshold", "pixel_threshold", "source", "created_at", "sha256")}
     prompts = replace(artifact.prompts, version=version)
     image_size = artifact.manifest.get("image_size")
     return build_artifact_bytes(prompts, version=version, ctx=artifact.ctx,

@@ -22,10 +22,28 @@ Decisions (documented because the paper leaves them open):
 Only the first ``len(blocks) - layers`` blocks run unmasked; the rest of the tower (``ln_pre``, ``ln_post``,
 ``proj``) is open_clip's own. Patch tokens are projected with ``visual.proj`` so they live in the same space
 as the text embeddings.
+
+Reference choices (issue 17; each an `LAAConfig` field, recorded in every prompt artifact):
+
+* ``dual_path`` (default on): PromptAD (``x[0] = x_ori[0]``), AnomalyCLIP and CLIP Surgery run the late
+  blocks twice from the shared input: the vanilla path gives CLIP's own class token (the image score), the
+  LAA path gives the patch tokens (the pixel map). The class token then equals open_clip's to float
+  rounding; cost: the LAA blocks run twice (4 of 12 blocks: about +33 % of the tower).
+* ``kernel`` (default ``"vv"``): value-value attention softmax(V V^T / sqrt(d)) V on the LAA path (CLIP
+  Surgery), under the same locality mask; ``"qk"`` is CLIP's own query-key attention (the paper's LAA).
+  CLIP Surgery computes the new path's v-v attention from the *vanilla* path's tokens; hpad computes it from
+  the LAA path's own tokens, because the vanilla tokens see the whole frame and would undo the locality
+  guarantee above.
+* ``patch_mlp`` (default off): whether the LAA path runs the block's MLP. CLIP Surgery, PromptAD and
+  AnomalyCLIP skip it on the v-v path.
+
+Artifacts from before these fields existed are read with `LEGACY_LAA` (single path, q-k, MLP on), which is
+what they were learned with; a scorer running the new defaults refuses them naming the field.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
@@ -36,6 +54,10 @@ import torch.nn.functional as F
 
 from hpad.errors import ConfigError
 
+KERNELS = ("qk", "vv")
+LEGACY_LAA: dict[str, object] = {"dual_path": False, "kernel": "qk", "patch_mlp": True}
+"""The values of the fields added in issue 17 that artifacts without them were learned with."""
+
 
 @dataclass(frozen=True)
 class LAAConfig:
@@ -44,12 +66,23 @@ class LAAConfig:
     enabled: bool = True
     layers: int = 4
     radius: int = 1
+    dual_path: bool = True
+    kernel: str = "vv"
+    patch_mlp: bool = False
 
     def __post_init__(self) -> None:
         if self.layers < 0:
             raise ConfigError(f"LAA layers must be >= 0, got {self.layers}")
         if self.radius < 0:
             raise ConfigError(f"LAA radius must be >= 0, got {self.radius}")
+        if self.kernel not in KERNELS:
+            raise ConfigError(f"LAA kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+
+    @classmethod
+    def from_record(cls, record: dict[str, object]) -> LAAConfig:
+        """An artifact's ``laa`` record; fields it lacks (older artifacts) take their `LEGACY_LAA` value."""
+        known = {name: record[name] for name in ("enabled", "layers", "radius", *LEGACY_LAA) if name in record}
+        return cls(**{**LEGACY_LAA, **known})  # type: ignore[arg-type]
 
     def active_layers(self, depth: int) -> int:
         """How many of ``depth`` blocks run with the locality mask."""
@@ -59,15 +92,32 @@ class LAAConfig:
             raise ConfigError(f"LAA layers={self.layers} exceeds the {depth} blocks of this image tower")
         return self.layers
 
-    def describe(self) -> dict[str, int | bool]:
-        return {"enabled": self.enabled, "layers": self.layers, "radius": self.radius}
+    def describe(self) -> dict[str, int | bool | str]:
+        return {"enabled": self.enabled, "layers": self.layers, "radius": self.radius,
+                "dual_path": self.dual_path, "kernel": self.kernel, "patch_mlp": self.patch_mlp}
+
+
+def config_differences(recorded: dict[str, object], running: dict[str, object], prefix: str = "") -> list[str]:
+    """``field: recorded X, running Y`` for every field whose values differ (nested dicts by dotted name)."""
+    out: list[str] = []
+    for name in sorted(set(recorded) | set(running)):
+        a, b = recorded.get(name), running.get(name)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{name}.")
+        elif a != b:
+            out.append(f"{prefix}{name}: learned with {a!r}, this scorer runs {b!r}")
+    return out
 
 
 class ImageTokens(NamedTuple):
-    """Projected image features. ``cls``: [B, D]; ``patches``: [B, Gh*Gw, D] in row-major grid order."""
+    """Image features. ``cls``: [B, D] projected class token; ``patches``: [B, Gh*Gw, D] projected patch tokens
+    in row-major grid order; ``memory``: [B, Gh*Gw, F] the features the few-shot memory matches (each tapped
+    block's patch tokens L2-normalised, concatenated, scaled by 1/sqrt(blocks), so a dot product is the mean
+    cosine over the blocks), or None where the memory matches ``patches`` (no tapped blocks)."""
 
     cls: torch.Tensor
     patches: torch.Tensor
+    memory: torch.Tensor | None = None
 
 
 def locality_blocked(grid_h: int, grid_w: int, radius: int) -> torch.Tensor:
@@ -105,30 +155,48 @@ def _is_standard_block(block: torch.nn.Module) -> bool:
     return isinstance(getattr(block, "attn", None), torch.nn.MultiheadAttention) and not hasattr(block, "ln_1_kv")
 
 
-def masked_block_forward(block: torch.nn.Module, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """open_clip ``ResidualAttentionBlock.forward`` with SDPA under a boolean mask (True = may attend).
-
-    x: [B, L, C] -> [B, L, C]. Same weights and arithmetic as the block's own forward with an additive mask.
-    """
+def masked_block_forward(block: torch.nn.Module, x: torch.Tensor, allowed: torch.Tensor, kernel: str = "qk",
+                         mlp: bool = True) -> torch.Tensor:
+    """open_clip ``ResidualAttentionBlock.forward`` with SDPA under a mask (boolean True = may attend, or
+    additive). x: [B, L, C] -> [B, L, C]. ``kernel="qk"`` with ``mlp`` is exactly the block's own forward with
+    an additive mask; ``kernel="vv"`` uses the values as queries and keys (CLIP Surgery), ``mlp=False`` skips
+    the MLP (the v-v path of CLIP Surgery / PromptAD / AnomalyCLIP)."""
     attn = block.attn
     h = block.ln_1(x)
     batch, length, width = h.shape
     heads = attn.num_heads
     qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)  # [B, L, 3C]
     q, k, v = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, L, C/H]
+    if kernel == "vv":
+        q = k = v
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # [B, H, L, C/H]
     out = attn.out_proj(out.transpose(1, 2).reshape(batch, length, width))
     x = x + block.ls_1(out)
+    if not mlp:
+        return x
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
-class LocalityAwareEncoder:
-    """Runs an open_clip ``VisionTransformer`` with LAA in its last blocks; returns projected tokens.
+def default_memory_blocks(depth: int) -> tuple[int, ...]:
+    """PromptAD's memory taps (outputs of blocks 3 and 8 of ViT-B's 12, numbered from 1) scaled to ``depth``."""
+    return tuple(sorted({max(1, min(depth, round(b * depth / 12))) for b in (3, 8)}))
 
-    Holds no weights of its own; the mask for the tower's grid is built once and reused.
+
+MEMORY_PATHS = ("laa", "vanilla")
+
+
+class LocalityAwareEncoder(torch.nn.Module):
+    """Runs an open_clip ``VisionTransformer`` with LAA in its last blocks; ``forward`` returns `ImageTokens`.
+
+    Holds no weights of its own (``visual`` is the frozen tower); the mask for the tower's grid is built once
+    and reused. ``memory_blocks``: block numbers (from 1) whose patch tokens feed the few-shot memory (empty:
+    the memory matches the projected patch tokens); ``memory_path``: which path they are read from in LAA
+    blocks under the dual path (``"laa"``: local tokens; ``"vanilla"``: the class-token path, as PromptAD).
     """
 
-    def __init__(self, visual: torch.nn.Module, config: LAAConfig) -> None:
+    def __init__(self, visual: torch.nn.Module, config: LAAConfig, memory_blocks: tuple[int, ...] = (),
+                 memory_path: str = "laa") -> None:
+        super().__init__()
         transformer = getattr(visual, "transformer", None)
         if transformer is None or not hasattr(transformer, "resblocks"):
             raise ConfigError("LAA needs an open_clip VisionTransformer (a ViT image tower)")
@@ -141,6 +209,18 @@ class LocalityAwareEncoder:
         self.grid = tuple(visual.grid_size)
         depth = len(transformer.resblocks)
         self.first_masked = depth - config.active_layers(depth)
+        self.dual = config.dual_path and self.first_masked < depth
+        bad = [b for b in memory_blocks if not 1 <= b <= depth]
+        if bad:
+            raise ConfigError(f"memory blocks {bad} are outside the tower's blocks 1..{depth}")
+        if memory_path not in MEMORY_PATHS:
+            raise ConfigError(f"memory path must be one of {', '.join(MEMORY_PATHS)}, got {memory_path!r}")
+        self.memory_blocks = tuple(sorted(set(memory_blocks)))
+        self.memory_path = memory_path
+        nonstandard = [i for i in range(self.first_masked, depth) if not _is_standard_block(transformer.resblocks[i])]
+        if nonstandard and (config.kernel != "qk" or not config.patch_mlp):
+            raise ConfigError("LAA kernel 'vv' and patch_mlp=False need open_clip's standard blocks "
+                              "(nn.MultiheadAttention); use kernel='qk', patch_mlp=True")
         self._mask: torch.Tensor | None = None
         self._allowed: torch.Tensor | None = None
 
@@ -168,33 +248,69 @@ class LocalityAwareEncoder:
         return mask
 
     def block_forward(self, index: int, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """One transformer block; LAA-masked when ``index`` is among the last ``layers`` blocks."""
+        """One transformer block of the patch (LAA) path; LAA-masked, with the configured kernel and MLP
+        choice, when ``index`` is among the last ``layers`` blocks."""
         if index < self.first_masked:
             return block(x)
         if _is_standard_block(block):
-            return masked_block_forward(block, x, self._allowed_mask(x))
+            return masked_block_forward(block, x, self._allowed_mask(x), self.config.kernel, self.config.patch_mlp)
         return block(x, attn_mask=self._attn_mask(x))
 
+    def cls_block_forward(self, index: int, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One block of the class-token path: open_clip's own block under the dual path, else `block_forward`."""
+        return block(x) if self.dual else self.block_forward(index, block, x)
+
     def run_blocks(self, x: torch.Tensor, stop: int | None = None) -> torch.Tensor:
-        """Transformer blocks over embedded tokens x: [B, 1+N, C] -> [B, 1+N, C].
+        """Class-token path over embedded tokens x: [B, 1+N, C] -> [B, 1+N, C] (the single path without
+        ``dual_path``; open_clip's own blocks with it).
 
         ``stop`` runs only the blocks before it (slice semantics: ``stop=-1`` = all but the last block, the
         tokens entering the last one); None runs them all.
         """
         blocks = self.visual.transformer.resblocks
         for index in range(len(blocks))[:stop]:
-            x = self.block_forward(index, blocks[index], x)
+            x = self.cls_block_forward(index, blocks[index], x)
         return x
 
-    def __call__(self, pixels: torch.Tensor) -> ImageTokens:
-        """pixels: [B, 3, H, W] normalised -> ImageTokens (projected, not L2-normalised)."""
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens after the last block [B, 1+N, C] -> (projected class token [B, D], patches [B, N, D])."""
         visual = self.visual
-        x = visual._embeds(pixels)  # [B, 1+N, C]
-        x = self.run_blocks(x)
         pooled, tokens = visual._pool(x)  # [B, C], [B, N, C]
         if getattr(visual, "final_ln_after_pool", False):
             tokens = visual.ln_post(tokens)  # _pool normalised only the pooled token
         if visual.proj is not None:
             pooled = pooled @ visual.proj
             tokens = tokens @ visual.proj
-        return ImageTokens(cls=pooled, patches=tokens)
+        return pooled, tokens
+
+    def forward(self, pixels: torch.Tensor) -> ImageTokens:
+        """pixels: [B, 3, H, W] normalised -> ImageTokens (projected, not L2-normalised)."""
+        visual = self.visual
+        blocks = visual.transformer.resblocks
+        x = visual._embeds(pixels)  # [B, 1+N, C]
+        taps: list[torch.Tensor] = []
+        want = set(self.memory_blocks)
+        for index in range(self.first_masked):
+            x = blocks[index](x)
+            if index + 1 in want:
+                taps.append(x[:, 1:])
+        if self.dual:
+            x_ori = x
+            for index in range(self.first_masked, len(blocks)):
+                x_ori = blocks[index](x_ori)
+                x = self.block_forward(index, blocks[index], x)
+                if index + 1 in want:
+                    taps.append((x if self.memory_path == "laa" else x_ori)[:, 1:])
+            pooled, _ = self._project(x_ori)  # CLIP's own class token
+            _, tokens = self._project(x)
+        else:
+            for index in range(self.first_masked, len(blocks)):
+                x = self.block_forward(index, blocks[index], x)
+                if index + 1 in want:
+                    taps.append(x[:, 1:])
+            pooled, tokens = self._project(x)
+        memory = None
+        if taps:
+            scale = 1.0 / math.sqrt(len(taps))
+            memory = torch.cat([F.normalize(t.float(), dim=-1) * scale for t in taps], dim=-1)
+        return ImageTokens(cls=pooled, patches=tokens, memory=memory)

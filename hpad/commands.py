@@ -36,6 +36,18 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--laa-layers", type=int, default=LAAConfig().layers, help="LAA in the last N blocks")
     group.add_argument("--laa-radius", type=int, default=LAAConfig().radius, help="LAA window radius (1 = 3x3)")
     group.add_argument("--sigma", type=float, default=ScorerConfig().sigma, help="map smoothing, px")
+    method = parser.add_argument_group("method choices (recorded in artifacts; the scorer must match them)")
+    method.add_argument("--no-dual-path", action="store_true",
+                        help="ablation: one path (the class token reads LAA-changed patches)")
+    method.add_argument("--laa-kernel", choices=["vv", "qk"], default=LAAConfig().kernel,
+                        help="LAA path attention: vv (CLIP Surgery) or qk (CLIP's own)")
+    method.add_argument("--laa-patch-mlp", action="store_true", help="run the block MLP on the LAA path")
+    method.add_argument("--memory-blocks", default="auto",
+                        help="memory features: auto (blocks 3,8 of 12, scaled), final (projected tokens), or 3,8")
+    method.add_argument("--memory-path", choices=["laa", "vanilla"], default=ScorerConfig().memory_path)
+    method.add_argument("--fusion", choices=["harmonic", "normalized", "linear"], default=ScorerConfig().fusion)
+    method.add_argument("--memory-weight", type=float, default=ScorerConfig().memory_weight)
+    method.add_argument("--logit-scale", type=float, default=None, help="text softmax scale (default: the model's)")
     group.add_argument("--batch-size", type=int, default=8)
 
 
@@ -66,8 +78,11 @@ def weights_spec(ns: argparse.Namespace) -> WeightsSpec:
 
 
 def scorer_config(ns: argparse.Namespace) -> ScorerConfig:
-    return model_config.scorer_config(laa=not ns.no_laa, laa_layers=ns.laa_layers, laa_radius=ns.laa_radius,
-                                      sigma=ns.sigma, max_batch=ns.batch_size)
+    return model_config.scorer_config(
+        laa=not ns.no_laa, laa_layers=ns.laa_layers, laa_radius=ns.laa_radius, sigma=ns.sigma,
+        max_batch=ns.batch_size, dual_path=not ns.no_dual_path, kernel=ns.laa_kernel, patch_mlp=ns.laa_patch_mlp,
+        memory_blocks=ns.memory_blocks, memory_path=ns.memory_path, fusion=ns.fusion,
+        memory_weight=ns.memory_weight, logit_scale=ns.logit_scale)
 
 
 def backbone_from_args(ns: argparse.Namespace) -> Backbone:
@@ -176,7 +191,7 @@ def eval_main(argv: Sequence[str]) -> int:
     shots: list[Path] = []
     if ns.shots > 0:
         shots = sample_shots(data.train, ns.shots, ns.seed)
-        prompts = prompts.with_memory(scorer.build_memory([read_image(p) for p in shots]))
+        prompts = prompts.with_memory(*scorer.memory_with_scales([read_image(p) for p in shots], prompts))
     with tqdm(total=len(data.test), desc=f"eval {ns.category}", unit="img", disable=None) as bar:
         report = run_evaluation(scorer, data, prompts, ns.batch_size, progress=bar.update)
     report.info.update({"shots": ns.shots, "shot_images": [str(p) for p in shots], "seed": ns.seed,
@@ -199,7 +214,14 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch)
     group.add_argument("--train-batch", type=int, default=d.batch_size, help="examples per step")
     group.add_argument("--lr", type=float, default=d.lr)
-    group.add_argument("--optimizer", choices=["adamw", "sgd"], default=d.optimizer)
+    group.add_argument("--optimizer", choices=["adamw", "sgd"], default=d.optimizer,
+                       help="sgd (ProGrad: momentum 0.9, weight decay 5e-4) or adamw")
+    group.add_argument("--schedule", choices=["cosine", "constant"], default=d.schedule,
+                       help="cosine after one warm-up epoch at 1e-5 (ProGrad), or constant")
+    group.add_argument("--selection", choices=["served", "loss"], default=d.selection,
+                       help="keep the epoch with the best served AUROC - FPR on held-out normals, or lowest loss")
+    group.add_argument("--orientation", choices=["auto", "on", "off"], default=d.orientation,
+                       help="flip/rot90 views: auto = textures only")
     group.add_argument("--lam", type=float, default=d.lam, help="MPTS guidance weight (1 = full projection)")
     group.add_argument("--patience", type=int, default=d.patience, help="early-stop patience in epochs")
     group.add_argument("--train-normals", type=int, default=d.train_normals)
@@ -218,6 +240,7 @@ def train_config(ns: argparse.Namespace):
     return TrainConfig(
         n_ctx=ns.n_ctx, class_name=ns.class_name, epochs=ns.epochs, steps_per_epoch=ns.steps_per_epoch,
         batch_size=ns.train_batch, lr=ns.lr, optimizer=ns.optimizer, seed=ns.seed, lam=ns.lam,
+        schedule=ns.schedule, selection=ns.selection, orientation=ns.orientation,
         patience=ns.patience, train_normals=ns.train_normals, train_anomalies=ns.train_anomalies,
         mpts=not ns.no_mpts, memory=not ns.no_memory, threshold_rule=ns.threshold_rule,
         normal_quantile=ns.normal_quantile, oagm=OAGMConfig(on_object=not ns.no_oagm),

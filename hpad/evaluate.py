@@ -105,6 +105,7 @@ def run_evaluation(
         "prompt_source": prompts.source,
         "few_shot_memory": prompts.memory is not None,
         "laa": scorer.config.laa.describe(),
+        "method": scorer.method_record(),
         "device": str(backbone.device),
         "precision": str(backbone.dtype).replace("torch.", ""),
         "n_test_images": len(samples),

@@ -15,6 +15,26 @@ synthesised on the object (`hpad.oagm`) with their exact pixel masks. Only the c
 
 Cost: the image tower is frozen, so the whole pool is encoded once (with LAA) and each step runs only the
 text tower for two short sequences (see `PromptLearner`), forward and backward.
+
+Reference choices (issue 17, each a `TrainConfig` field; legacy values in brackets):
+
+* ``optimizer="sgd"`` with ``schedule="cosine"`` [adamw, constant]: ProGrad's optimiser (SGD, momentum 0.9,
+  weight decay 5e-4, lr 0.002, cosine annealing per epoch after ``warmup_epochs`` at the constant
+  ``warmup_lr`` 1e-5). The projection argument (the applied update never increases the guidance loss to
+  first order) holds for the gradient SGD applies; Adam rescales each coordinate and can break it.
+* ``selection="served"`` [loss]: the kept context is the epoch's with the best selection score on the
+  validation pool scored as the service scores (memory and fusion included):
+  ``image AUROC(held-out normals vs fresh synthetic anomalies) - FPR of the normals at 90 % recall`` (see
+  `selection_score`). The loss on synthetic anomalies rewards exactly the fit MPTS exists to prevent.
+* ``orientation="auto"`` [on]: flip / rot90 augmentation only for textures (OAGM found no object); an object
+  flipped or rotated (MVTec metal_nut "flip") may be a defect.
+* Memory and validation are disjoint: the few-shot memory is the k shots, and every validation image that
+  derives from a shot is scored against the memory of the *other* shots (leave-one-out); real held-out
+  normals (the tuner's) are scored against the whole memory. With k = 1 and no held-out normals no disjoint
+  memory exists: the item is scored against its own shot and the calibration says ``memory_holdout:
+  "none"`` (thresholds then come out low).
+* Synthetic masks are shrunk to the model size by max-pooling (a cell is anomalous if any pixel is), so a
+  one-pixel scratch survives; an anomaly whose mask is empty anyway is dropped and counted.
 """
 
 from __future__ import annotations
@@ -35,7 +55,7 @@ from hpad.errors import ConfigError
 from hpad.metrics import PoolMetrics, image_auroc, pixel_auroc
 from hpad.oagm import OAGMConfig, ObjectRegion, object_masks, synthesize
 from hpad.prompts import PromptLearner, PromptSet, zero_shot_text_features
-from hpad.scorer import Scorer
+from hpad.scorer import FusionScales, Scorer, anomaly_probability, memory_distance, normal_scale, patch_maps
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +70,14 @@ class TrainConfig:
     steps_per_epoch: int = 8
     batch_size: int = 32
     lr: float = 2e-3
-    weight_decay: float = 0.0
-    optimizer: str = "adamw"
+    weight_decay: float | None = None  # None: 5e-4 for SGD (ProGrad), 0 for AdamW
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    schedule: str = "cosine"  # "cosine" (ProGrad) or "constant"
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    selection: str = "served"  # "served" (FPR + separation, as served) or "loss" (validation task loss)
+    orientation: str = "auto"  # flip/rot90 views: "auto" (textures only), "on", "off"
     seed: int = 0
     train_normals: int = 32  # augmented normal views in the training pool
     train_anomalies: int = 48  # OAGM anomalies in the training pool
@@ -76,6 +102,13 @@ class TrainConfig:
             "lr": self.lr > 0 and math.isfinite(self.lr),
             "lam": 0.0 <= self.lam <= 1.0,
             "optimizer": self.optimizer in ("adamw", "sgd"),
+            "schedule": self.schedule in ("cosine", "constant"),
+            "selection": self.selection in ("served", "loss"),
+            "orientation": self.orientation in ("auto", "on", "off"),
+            "warmup_epochs": self.warmup_epochs >= 0,
+            "warmup_lr": self.warmup_lr > 0,
+            "momentum": 0.0 <= self.momentum < 1.0,
+            "weight_decay": self.weight_decay is None or self.weight_decay >= 0,
             "threshold_rule": self.threshold_rule in ("f1", "quantile"),
             "normal_quantile": 0.5 <= self.normal_quantile < 1.0,
             "train_anomalies": self.train_anomalies >= 1 and self.val_anomalies >= 1,
@@ -84,6 +117,23 @@ class TrainConfig:
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ConfigError(f"invalid training settings: {', '.join(bad)} ({self.describe()})")
+
+    @property
+    def resolved_weight_decay(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 5e-4 if self.optimizer == "sgd" else 0.0
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate of ``epoch`` (from 0): warm-up at ``warmup_lr``, then cosine from ``lr`` (ProGrad's
+        schedule, stepped per epoch), or ``lr`` throughout for ``schedule="constant"``."""
+        if self.schedule == "constant":
+            return self.lr
+        warm = min(self.warmup_epochs, self.epochs - 1)  # a run always gets at least one epoch at ``lr``
+        if epoch < warm:
+            return self.warmup_lr
+        span = max(1, self.epochs - warm)
+        return 0.5 * self.lr * (1.0 + math.cos(math.pi * (epoch - warm) / span))
 
     def describe(self) -> dict[str, object]:
         data = asdict(self)
@@ -99,13 +149,21 @@ class Pool:
     labels: torch.Tensor  # [P] long: 0 normal, 1 anomalous
     masks: torch.Tensor
     generators: list[str]
+    sources: list[int] = field(default_factory=list)  # memory image each item derives from; -1 / empty: none
+    dropped: int = 0  # synthetic anomalies dropped because their mask was empty
 
     def __len__(self) -> int:
         return int(self.labels.numel())
 
+    def source_list(self) -> list[int]:
+        return self.sources if self.sources else [-1] * len(self)
+
     def subset(self, index: torch.Tensor) -> Pool:
-        tokens = ImageTokens(cls=self.tokens.cls[index], patches=self.tokens.patches[index])
-        return Pool(tokens, self.labels[index], self.masks[index], [self.generators[i] for i in index.tolist()])
+        memory = None if self.tokens.memory is None else self.tokens.memory[index]
+        tokens = ImageTokens(cls=self.tokens.cls[index], patches=self.tokens.patches[index], memory=memory)
+        rows = index.tolist()
+        sources = [self.sources[i] for i in rows] if self.sources else []
+        return Pool(tokens, self.labels[index], self.masks[index], [self.generators[i] for i in rows], sources)
 
 
 @dataclass(frozen=True)
@@ -117,11 +175,13 @@ class TrainMetrics:
     epochs_run: int
     train_seconds: float
     calibration: Calibration
+    selection: dict[str, object] = field(default_factory=dict)  # rule, best epoch, its score / AUROC / FPR
+    data: dict[str, object] = field(default_factory=dict)  # memory hold-out kind, dropped anomalies, sizes
 
     def to_json(self) -> dict[str, object]:
         return {"val_before": self.val_before.to_json(), "val_after": self.val_after.to_json(),
                 "epochs_run": self.epochs_run, "train_seconds": self.train_seconds,
-                "calibration": self.calibration.to_json()}
+                "calibration": self.calibration.to_json(), "selection": self.selection, "data": self.data}
 
 
 @dataclass
@@ -199,45 +259,74 @@ def guidance_loss(pool: Pool, text: torch.Tensor, meta_text: torch.Tensor, scale
 # ------------------------------------------------------------------------------------------ data
 
 
-def augment_view(rng: np.random.Generator, image: np.ndarray, region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A random flip/rot90 plus mild brightness/contrast jitter, applied to image and region together."""
+def augment_view(rng: np.random.Generator, image: np.ndarray, region: np.ndarray,
+                 orientation: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """A random flip/rot90 (only with ``orientation``) plus mild brightness/contrast jitter, applied to image
+    and region together. The random draws are the same either way, so the jitter does not depend on it."""
     k = int(rng.integers(0, 4))
     flip = bool(rng.integers(0, 2))
-    out, reg = np.rot90(image, k), np.rot90(region, k)
-    if flip:
-        out, reg = out[:, ::-1], reg[:, ::-1]
+    out, reg = image, region
+    if orientation:
+        out, reg = np.rot90(image, k), np.rot90(region, k)
+        if flip:
+            out, reg = out[:, ::-1], reg[:, ::-1]
     gain, bias = rng.uniform(0.9, 1.1), rng.uniform(-10, 10)
     out = np.clip(out.astype(np.float32) * gain + bias, 0, 255).astype(np.uint8)
     return np.ascontiguousarray(out), np.ascontiguousarray(reg)
 
 
-def _mask_to_model(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    tensor = torch.from_numpy(mask.astype(np.float32))[None, None]
-    return (F.interpolate(tensor, size=size, mode="area")[0, 0] > 0.5).float()
+def mask_to_model(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """bool [H, W] -> float {0, 1} [S, S]: a model-size cell is anomalous when any of its pixels is (adaptive
+    max-pooling), so thin defects (a one-pixel scratch on a 900 px frame) survive the shrink to 240 px."""
+    tensor = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    return F.adaptive_max_pool2d(tensor, output_size=size)[0, 0].gt(0).float()
+
+
+def orientation_allowed(rule: str, region: ObjectRegion) -> bool:
+    """Flip/rot90 views: ``on`` always, ``off`` never, ``auto`` only for textures (OAGM found no object)."""
+    return rule == "on" or (rule == "auto" and region.kind != "object")
 
 
 def build_pool(scorer: Scorer, rng: np.random.Generator, normals: Sequence[np.ndarray],
                regions: Sequence[ObjectRegion], n_normal: int, n_anomalous: int, oagm: OAGMConfig,
-               extra_normals: Sequence[np.ndarray] = ()) -> Pool:
-    """Augmented normal views + OAGM anomalies (each from an augmented view), encoded once."""
+               extra_normals: Sequence[np.ndarray] = (), sources: Sequence[int] | None = None,
+               orientation: str = "auto") -> Pool:
+    """Augmented normal views + OAGM anomalies (each from an augmented view), encoded once.
+
+    ``sources[i]``: the memory image ``normals[i]`` is (default: image i of the memory; -1: not in it); each
+    item carries its source, so scoring can leave that image out of the memory. ``extra_normals`` enter
+    as they are (source -1). Anomalies whose mask comes out empty are dropped (``Pool.dropped``).
+    """
     size = scorer.backbone.image_size
+    owners = list(range(len(normals))) if sources is None else [int(v) for v in sources]
     images: list[np.ndarray] = list(extra_normals)
     masks: list[torch.Tensor] = [torch.zeros(size) for _ in extra_normals]  # built on the host, moved once
     generators = ["normal"] * len(extra_normals)
+    item_sources = [-1] * len(extra_normals)
+    dropped = 0
     for i in range(n_normal + n_anomalous):
         source = i % len(normals)
-        view, region = augment_view(rng, normals[source], regions[source].mask)
+        view, region = augment_view(rng, normals[source], regions[source].mask,
+                                    orientation_allowed(orientation, regions[source]))
         if i < n_normal:
             images.append(view)
             masks.append(torch.zeros(size))
             generators.append("normal")
         else:
             synthetic = synthesize(rng, view, region, oagm)
+            if not np.any(synthetic.mask):  # max-pooling keeps any non-empty mask non-empty
+                dropped += 1
+                continue
             images.append(synthetic.image)
-            masks.append(_mask_to_model(synthetic.mask, size))
+            masks.append(mask_to_model(synthetic.mask, size))
             generators.append(synthetic.generator)
+        item_sources.append(owners[source])
+    if dropped:
+        log.warning("%d synthetic anomalies had an empty mask and were dropped", dropped)
     labels = torch.tensor([0 if g == "normal" else 1 for g in generators], dtype=torch.long)
-    return pool_on_device(scorer, images, labels, torch.stack(masks), generators)
+    pool = pool_on_device(scorer, images, labels, torch.stack(masks), generators)
+    pool.sources, pool.dropped = item_sources, dropped
+    return pool
 
 
 def pool_on_device(scorer: Scorer, images: Sequence[np.ndarray], labels: torch.Tensor, masks: torch.Tensor,
@@ -258,9 +347,15 @@ def meta_text_features(scorer: Scorer, object_name: str) -> torch.Tensor:
 
 
 def _optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    decay = config.resolved_weight_decay
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.SGD(params, lr=config.lr_at(0), momentum=config.momentum, weight_decay=decay)
+    return torch.optim.AdamW(params, lr=config.lr_at(0), weight_decay=decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def step_losses(learner: PromptLearner, batch: Pool, meta_text: torch.Tensor, scorer: Scorer,
@@ -316,6 +411,92 @@ def evaluate_pool(scorer: Scorer, pool: Pool, prompts: PromptSet, config: TrainC
     )
 
 
+def selection_score(labels: np.ndarray, scores: np.ndarray, recall: float = 0.9) -> dict[str, float]:
+    """Model selection on a validation pool scored as served: ``score = image_AUROC - FPR``, where the AUROC
+    separates the held-out normals from fresh synthetic anomalies and FPR is the share of held-out normals
+    at or above the score that keeps ``recall`` of the anomalies (higher is better)."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    auroc = image_auroc(labels.astype(np.int64), scores)
+    cut = float(np.quantile(scores[labels], 1.0 - recall))
+    fpr = float((scores[~labels] >= cut).mean())
+    return {"score": auroc - fpr, "image_AUROC": auroc, "FPR": fpr, "recall": recall}
+
+
+@dataclass
+class ServedBranches:
+    """A pool's branch scores as served, before fusion: text image [P], text patch [P, N], memory distance
+    [P, N] (each item against the memory without its own source image) or None; ``holdout`` says how."""
+
+    image: torch.Tensor
+    patch: torch.Tensor
+    distance: torch.Tensor | None
+    holdout: str
+
+
+@torch.inference_mode()
+def memory_distances_held_out(scorer: Scorer, pool: Pool, bank: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """Each pool item's memory distance [P, N] against ``bank`` [k, N, F] without the item's source image
+    (leave-one-out); items from no memory image see the whole bank. Returns the kind of hold-out used:
+    ``held-out`` (no item from a memory image), ``leave-one-out``, or ``none`` (k = 1: an item from the only
+    shot had to see its own image)."""
+    dev = scorer.backbone.device
+    feats = F.normalize(scorer.memory_features(pool.tokens), dim=-1)
+    bank = bank.to(dev)
+    k = bank.shape[0]
+    full = bank.reshape(-1, bank.shape[-1])
+    out = torch.empty(feats.shape[:2], device=dev)
+    sources = pool.source_list()
+    kinds: set[str] = set()
+    for source in sorted(set(sources)):
+        rows = [i for i, s in enumerate(sources) if s == source]
+        if source < 0:
+            memory, kind = full, "held-out"
+        elif k == 1:
+            memory, kind = full, "none"
+        else:
+            keep = [j for j in range(k) if j != source]
+            memory, kind = bank[keep].reshape(-1, bank.shape[-1]), "leave-one-out"
+        kinds.add(kind)
+        index = torch.tensor(rows, device=dev)
+        out[index] = memory_distance(feats[index], memory)
+    for kind in ("none", "leave-one-out", "held-out"):
+        if kind in kinds:
+            return out, kind
+    return out, "held-out"
+
+
+def served_branches(scorer: Scorer, pool: Pool, prompts: PromptSet, distance: torch.Tensor | None,
+                    holdout: str = "held-out") -> ServedBranches:
+    text = prompts.text_features.to(scorer.backbone.device)
+    with torch.inference_mode():
+        image = anomaly_probability(pool.tokens.cls, text, scorer.logit_scale)
+        patch = anomaly_probability(pool.tokens.patches, text, scorer.logit_scale)
+    return ServedBranches(image, patch, distance, holdout)
+
+
+def fusion_scales_from(branches: ServedBranches, labels: torch.Tensor) -> FusionScales | None:
+    """`FusionScales` from a pool's normals (each branch's 0.99 quantile); None without a memory."""
+    if branches.distance is None:
+        return None
+    normal = (labels == 0).to(branches.image.device)
+    if not bool(normal.any()):
+        raise ConfigError("fusion scales need normal validation images")
+    return (normal_scale(branches.image[normal]), normal_scale(branches.distance[normal].amax(dim=1)),
+            normal_scale(branches.patch[normal]), normal_scale(branches.distance[normal]))
+
+
+def served_scores(scorer: Scorer, branches: ServedBranches, scales: FusionScales | None,
+                  with_maps: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Branch scores -> ([P] image scores, [P, S, S] maps or None) exactly as the service fuses and smooths."""
+    image, patch = scorer.fused_scores(branches.image, branches.patch, branches.distance, scales)
+    scores = image.clamp(0.0, 1.0).cpu().numpy().astype(np.float32)
+    if not with_maps:
+        return scores, None
+    maps = patch_maps(patch, scorer.backbone.grid_size, scorer.backbone.image_size, scorer.config.sigma)
+    return scores, maps.cpu().numpy()
+
+
 def train_prompts(
     scorer: Scorer,
     normals: Sequence[np.ndarray],
@@ -324,13 +505,12 @@ def train_prompts(
     init_ctx: torch.Tensor | None = None,
     val_normals: Sequence[np.ndarray] = (),
     progress: Callable[[int, dict[str, float]], None] | None = None,
-    memory_frames: Sequence[np.ndarray] | None = None,
 ) -> TrainResult:
     """Learn a prompt set for ``category`` from ``normals`` (k images). Deterministic for ``config.seed``.
 
     ``init_ctx`` warm-starts from earlier prompts; ``val_normals`` are real held-out normals (the tuner has
-    them); without them validation normals are augmented views of the k shots. ``memory_frames`` (default:
-    ``normals``) become the few-shot memory when ``config.memory`` is on.
+    them); without them validation normals are augmented views of the k shots, scored against the memory of
+    the other shots. The k shots become the few-shot memory when ``config.memory`` is on.
     """
     if not normals:
         raise ConfigError("training needs at least one normal image")
@@ -339,10 +519,25 @@ def train_prompts(
     generator = torch.Generator().manual_seed(config.seed)
     backbone = scorer.backbone
     regions = object_masks(scorer, normals, config.oagm)
-    train_pool = build_pool(scorer, rng, normals, regions, config.train_normals, config.train_anomalies, config.oagm)
-    val_pool = build_pool(scorer, np.random.default_rng(config.seed + 1_000_003), normals, regions,
-                          max(0, config.val_normals - len(val_normals)), config.val_anomalies, config.oagm,
-                          extra_normals=val_normals)
+    train_pool = build_pool(scorer, rng, normals, regions, config.train_normals, config.train_anomalies, config.oagm,
+                            orientation=config.orientation)
+    # validation: real held-out normals as they are (source -1), views of the shots to top up (source = shot),
+    # fresh anomalies on both (a seed the training pool never uses)
+    held = list(val_normals)
+    held_regions = object_masks(scorer, held, config.oagm) if held else []
+    base = held + list(normals)
+    base_sources = [-1] * len(held) + list(range(len(normals)))
+    val_pool = build_pool(scorer, np.random.default_rng(config.seed + 1_000_003), base, held_regions + list(regions),
+                          0, config.val_anomalies, config.oagm, sources=base_sources, orientation=config.orientation)
+    top_up = max(0, config.val_normals - len(held))
+    views = build_pool(scorer, np.random.default_rng(config.seed + 2_000_003), normals, regions, top_up, 0,
+                       config.oagm, orientation=config.orientation) if top_up else None
+    if held:
+        held_pool = pool_on_device(scorer, held, torch.zeros(len(held), dtype=torch.long),
+                                   torch.zeros(len(held), *backbone.image_size), ["normal"] * len(held))
+        val_pool = concat_pools([held_pool, val_pool] + ([views] if views is not None else []))
+    elif views is not None:
+        val_pool = concat_pools([views, val_pool])
     class_name = category if config.class_name is None else config.class_name
     object_name = (class_name or category).replace("_", " ")
     meta_text = meta_text_features(scorer, object_name)
@@ -350,30 +545,49 @@ def train_prompts(
                             generator=generator)
     optimizer = _optimizer(config, [learner.ctx])
 
+    bank = scorer.memory_bank(list(normals)) if config.memory else None
+    distance, holdout = (memory_distances_held_out(scorer, val_pool, bank) if bank is not None else (None, "n/a"))
+    if holdout == "none":
+        log.warning("k=1 and no held-out normals: validation views of the only shot are scored against a memory "
+                    "that holds that shot; thresholds come out low (give held-out normals or k >= 2)")
+    val_labels = val_pool.labels.cpu().numpy()
+
     def snapshot() -> PromptSet:
-        return learner.prompt_set(category, backbone.identity, laa=scorer.config.laa)
+        return learner.prompt_set(category, backbone.identity, laa=scorer.config.laa, method=scorer.method_record())
+
+    def select(prompts: PromptSet, val_loss: float) -> dict[str, float]:
+        if config.selection == "loss":
+            return {"score": -val_loss}
+        branches = served_branches(scorer, val_pool, prompts, distance, holdout)
+        scores, _ = served_scores(scorer, branches, fusion_scales_from(branches, val_pool.labels), with_maps=False)
+        return selection_score(val_labels, scores)
 
     initial = snapshot()
     before = evaluate_pool(scorer, val_pool, initial, config)
-    best = (before.loss, learner.ctx.detach().clone())
+    chosen = select(initial, before.loss)
+    best = (chosen["score"], learner.ctx.detach().clone(), -1, chosen)
     history: list[dict[str, float]] = []
     stale = 0
     for epoch in range(config.epochs):
+        set_lr(optimizer, config.lr_at(epoch))
         sums: dict[str, torch.Tensor] = {}
         for _ in range(config.steps_per_epoch):
             index = torch.randperm(len(train_pool), generator=generator)[: config.batch_size]
             for key, value in _step(learner, optimizer, train_pool.subset(index), meta_text, scorer, config).items():
                 sums[key] = sums[key] + value if key in sums else value
         totals = {key: float(value) / config.steps_per_epoch for key, value in sums.items()}  # one sync an epoch
-        val = evaluate_pool(scorer, val_pool, snapshot(), config)
-        record = {"epoch": float(epoch), **totals, "val_loss": val.loss, "val_image_AUROC": val.image_AUROC}
+        current = snapshot()
+        val = evaluate_pool(scorer, val_pool, current, config)
+        picked = select(current, val.loss)
+        record = {"epoch": float(epoch), **totals, "lr": config.lr_at(epoch), "val_loss": val.loss,
+                  "val_image_AUROC": val.image_AUROC, "val_selection": picked["score"]}
         history.append(record)
         if progress is not None:
             progress(epoch, record)
         if not math.isfinite(record["loss"]):
             raise ConfigError(f"training diverged at epoch {epoch} (loss {record['loss']}); lower --lr")
-        if val.loss < best[0] - config.min_delta:
-            best, stale = (val.loss, learner.ctx.detach().clone()), 0
+        if picked["score"] > best[0] + config.min_delta:
+            best, stale = (picked["score"], learner.ctx.detach().clone(), epoch, picked), 0
         else:
             stale += 1
             if stale >= config.patience:
@@ -381,14 +595,32 @@ def train_prompts(
     with torch.no_grad():
         learner.ctx.copy_(best[1])
     prompts = snapshot()
-    memory = scorer.build_memory(list(memory_frames or normals)) if config.memory else None
-    prompts = prompts.with_memory(memory)
+    branches = served_branches(scorer, val_pool, prompts, distance, holdout)
+    scales = fusion_scales_from(branches, val_pool.labels)
+    if bank is not None:
+        prompts = prompts.with_memory(bank.reshape(-1, bank.shape[-1]), scales)
     after = evaluate_pool(scorer, val_pool, prompts, config)
-    calibration = calibrate_on_pool(scorer, val_pool, prompts, config)
+    scores, maps = served_scores(scorer, branches, scales)
+    calibration = calibrate_thresholds(labels=val_labels, scores=scores, masks=val_pool.masks.cpu().numpy() > 0.5,
+                                       maps=maps, rule=config.threshold_rule, normal_quantile=config.normal_quantile)
     prompts = replace(prompts, threshold=calibration.threshold, pixel_threshold=calibration.pixel_threshold)
+    selection = {"rule": config.selection, "best_epoch": best[2], **{k: float(v) for k, v in best[3].items()}}
+    data = {"memory_holdout": holdout, "memory_images": len(normals) if bank is not None else 0,
+            "held_out_normals": len(held), "val_items": len(val_pool),
+            "dropped_empty_masks": train_pool.dropped + val_pool.dropped}
     metrics = TrainMetrics(val_before=before, val_after=after, epochs_run=len(history),
-                           train_seconds=time.monotonic() - started, calibration=calibration)
+                           train_seconds=time.monotonic() - started, calibration=calibration,
+                           selection=selection, data=data)
     return TrainResult(prompts, initial, best[1].cpu(), history, metrics, list(regions), config)
+
+
+def concat_pools(pools: Sequence[Pool]) -> Pool:
+    """Pools (encoded by one scorer) one after another."""
+    from hpad.scorer import concat_tokens
+
+    return Pool(concat_tokens([p.tokens for p in pools]), torch.cat([p.labels for p in pools]),
+                torch.cat([p.masks for p in pools]), [g for p in pools for g in p.generators],
+                [s for p in pools for s in p.source_list()], sum(p.dropped for p in pools))
 
 
 def score_pool(scorer: Scorer, pool: Pool, prompts: PromptSet) -> tuple[np.ndarray, np.ndarray]:

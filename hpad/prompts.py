@@ -65,7 +65,7 @@ class PromptSet:
     """The text embedding pair and decision rule for one category.
 
     text_features: [2, D] L2-normalised (row 0 normal, row 1 anomalous).
-    memory: optional [M, D] L2-normalised normal patch features (few-shot nearest-neighbour reference).
+    memory: optional [M, F] L2-normalised normal patch features (few-shot nearest-neighbour reference).
     threshold: image-level decision threshold on `pred_score`; pixel_threshold: on the anomaly map.
     version: 0 for the built-in zero-shot set, >= 1 for published learned versions.
     """
@@ -80,6 +80,8 @@ class PromptSet:
     memory: torch.Tensor | None = None
     sha256: str = ""
     laa: LAAConfig | None = None  # the LAA setting the prompts were learned with (None: any)
+    method: dict | None = None  # every scoring choice they were learned under (`Scorer.method_record`; None: any)
+    fusion_scales: tuple[float, float, float, float] | None = None  # `hpad.scorer.FusionScales` of the memory
 
     def __post_init__(self) -> None:
         tf = self.text_features
@@ -89,8 +91,8 @@ class PromptSet:
         # `to` is not checked again, which would wait on the device
         if tf.device.type == "cpu" and not torch.isfinite(tf).all():
             raise ConfigError("text_features contain NaN or Inf")
-        if self.memory is not None and (self.memory.ndim != 2 or self.memory.shape[1] != tf.shape[1]):
-            raise ConfigError(f"memory must be [M, {tf.shape[1]}]; got {tuple(self.memory.shape)}")
+        if self.memory is not None and self.memory.ndim != 2:  # width: the scorer's memory features (checked there)
+            raise ConfigError(f"memory must be [M, F]; got {tuple(self.memory.shape)}")
 
     @property
     def embed_dim(self) -> int:
@@ -100,8 +102,10 @@ class PromptSet:
         memory = None if self.memory is None else self.memory.to(device=device, dtype=dtype)
         return replace(self, text_features=self.text_features.to(device=device, dtype=dtype), memory=memory)
 
-    def with_memory(self, memory: torch.Tensor | None) -> PromptSet:
-        return replace(self, memory=memory)
+    def with_memory(self, memory: torch.Tensor | None,
+                    fusion_scales: tuple[float, float, float, float] | None = None) -> PromptSet:
+        """The set with another few-shot memory; its fusion scales belong to that memory (None: unit scales)."""
+        return replace(self, memory=memory, fusion_scales=fusion_scales)
 
     def label(self) -> str:
         """Short human-readable identity, e.g. ``bottle v3 (learned)``."""

@@ -10,8 +10,11 @@ Pipeline (all batched tensor ops on the scorer's device, no PIL):
 3. Scores against the prompt set's (normal, anomalous) embedding pair: softmax over cosine similarity x
    CLIP's logit scale; the anomalous probability is the image score (class token) and the patch score.
 4. Optional few-shot memory (WinCLIP+ / PromptAD style): each patch's distance to its nearest normal
-   reference patch, (1 - cos) / 2, fused with the text map by `memory_weight`; the image score is fused
-   with the maximum of the memory map the same way.
+   reference patch, (1 - cos) / 2, on the features of ``memory_blocks`` (PromptAD / PatchCore: intermediate
+   blocks; empty = the projected patch tokens), fused with the text map by `memory_weight` under ``fusion``
+   (`fuse`: ``harmonic`` is PromptAD's (the default: it kept the memory's signal best in
+   benchmarks/ablation.py), ``normalized`` puts both on the scale of held-out normals first, ``linear`` is the
+   old 50/50 sum of unlike scales); the image score is fused with the memory map's maximum.
 5. Patch map [Gh, Gw] -> bilinear to the model's input size -> Gaussian blur (``sigma`` px at that size) ->
    bilinear to each frame's own size.
 
@@ -29,22 +32,41 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hpad.attention import ImageTokens, LAAConfig, LocalityAwareEncoder
+from hpad.attention import (
+    ImageTokens,
+    LAAConfig,
+    LocalityAwareEncoder,
+    config_differences,
+    default_memory_blocks,
+)
 from hpad.backbone import MAX_LOGIT_SCALE, Backbone
 from hpad.errors import ConfigError, FrameError
 from hpad.frames import check_frame
 from hpad.masks import PackedMask
 from hpad.prompts import ANOMALOUS, PromptSet, zero_shot_prompt_set
 
+FUSIONS = ("harmonic", "normalized", "linear")
+
 
 @dataclass(frozen=True)
 class ScorerConfig:
-    """How frames are scored. ``sigma`` is in pixels at the model's input resolution (0 = no blur)."""
+    """How frames are scored. ``sigma`` is in pixels at the model's input resolution (0 = no blur).
+
+    ``memory_blocks``: block numbers (from 1) whose patch tokens the few-shot memory matches; None = PromptAD's
+    choice scaled to the tower (`hpad.attention.default_memory_blocks`: blocks 3 and 8 of 12); () = the final
+    projected patch tokens (the old behaviour). ``memory_path``: read LAA blocks' taps from the LAA path
+    (``"laa"``) or the vanilla path (``"vanilla"``, PromptAD). ``fusion``: see `fuse`. ``logit_scale``: the
+    softmax temperature's inverse for the text scores; None = the model's own (CLIP caps it at 100).
+    """
 
     laa: LAAConfig = field(default_factory=LAAConfig)
     sigma: float = 4.0
     memory_weight: float = 0.5
     max_batch: int = 32
+    memory_blocks: tuple[int, ...] | None = None
+    memory_path: str = "laa"
+    fusion: str = "harmonic"
+    logit_scale: float | None = None
 
     def __post_init__(self) -> None:
         if self.sigma < 0:
@@ -53,6 +75,17 @@ class ScorerConfig:
             raise ConfigError(f"memory_weight must be in [0, 1], got {self.memory_weight}")
         if self.max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.fusion not in FUSIONS:
+            raise ConfigError(f"fusion must be one of {', '.join(FUSIONS)}, got {self.fusion!r}")
+        if self.logit_scale is not None and not 0 < self.logit_scale <= 1000:
+            raise ConfigError(f"logit_scale must be in (0, 1000], got {self.logit_scale}")
+
+
+LEGACY_METHOD: dict[str, object] = {"memory_blocks": [], "memory_path": "laa", "fusion": "linear",
+                                    "memory_weight": 0.5, "logit_scale": None}
+"""The scoring choices of artifacts written before they were recorded (``logit_scale`` None: the model's)."""
+
+MEMORY_FIELDS = ("memory_blocks", "memory_path", "fusion", "memory_weight")
 
 
 class ScoreResult(NamedTuple):
@@ -79,6 +112,39 @@ def memory_distance(patches: torch.Tensor, memory: torch.Tensor, chunk: int = 40
     for start in range(0, flat.shape[0], chunk):
         best[start : start + chunk] = (flat[start : start + chunk] @ mem.T).amax(dim=1)
     return ((1.0 - best) / 2.0).clamp_(0.0, 1.0).reshape(patches.shape[:2])
+
+
+FusionScales = tuple[float, float, float, float]
+"""(text image, memory image, text pixel, memory pixel): each branch's 0.99 quantile on held-out normals."""
+
+UNIT_SCALES: FusionScales = (1.0, 1.0, 1.0, 1.0)
+
+
+def fuse(text: torch.Tensor, memory: torch.Tensor, weight: float, fusion: str, text_scale: float = 1.0,
+         memory_scale: float = 1.0, eps: float = 1e-6) -> torch.Tensor:
+    """Fuse a text score and a memory distance of the same shape into one score in [0, 1].
+
+    * ``normalized``: each branch divided by its scale on held-out normals (`FusionScales`), weighted sum
+      ``f``, squashed by ``f / (1 + f)`` (monotone; 0.5 = a normal's 0.99 quantile on both branches).
+    * ``harmonic``: weighted harmonic mean ``1 / ((1 - w) / text + w / memory)`` (PromptAD fuses the two maps
+      with the harmonic mean; ``weight`` 0.5 is exactly that mean).
+    * ``linear``: ``(1 - w) * text + w * memory`` on their own, unlike scales (hpad before issue 17).
+    """
+    w = float(weight)
+    if fusion == "linear":
+        return (1.0 - w) * text + w * memory
+    if fusion == "harmonic":
+        return 1.0 / ((1.0 - w) / text.clamp_min(eps) + w / memory.clamp_min(eps))
+    if fusion == "normalized":
+        f = (1.0 - w) * text / max(text_scale, eps) + w * memory / max(memory_scale, eps)
+        return f / (1.0 + f)
+    raise ConfigError(f"unknown fusion {fusion!r}: use one of {', '.join(FUSIONS)}")
+
+
+def normal_scale(values: torch.Tensor | np.ndarray, quantile: float = 0.99) -> float:
+    """A branch's scale on held-out normals: the ``quantile`` of its values (at least 1e-6)."""
+    array = np.asarray(values.detach().float().cpu().numpy() if isinstance(values, torch.Tensor) else values)
+    return max(float(np.quantile(array.reshape(-1), quantile)), 1e-6) if array.size else 1.0
 
 
 def gaussian_kernel1d(sigma: float, device: torch.device) -> torch.Tensor:
@@ -153,6 +219,14 @@ def pack_bits(binary: torch.Tensor) -> torch.Tensor:
     weights = (1 << torch.arange(7, -1, -1, device=binary.device)).to(torch.uint8)  # 128 ... 1, made on the device
     groups = binary.reshape(*binary.shape[:-1], -1, 8).to(torch.uint8)  # [..., W/8, 8]
     return (groups * weights).sum(dim=-1, dtype=torch.uint8)
+
+
+def concat_tokens(parts: Sequence[ImageTokens]) -> ImageTokens:
+    """Concatenate token batches along the batch axis (``memory`` kept when every part has it)."""
+    if len(parts) == 1:
+        return parts[0]
+    memory = None if any(p.memory is None for p in parts) else torch.cat([p.memory for p in parts])
+    return ImageTokens(torch.cat([p.cls for p in parts]), torch.cat([p.patches for p in parts]), memory)
 
 
 def _groups(sizes: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], list[int]]:
@@ -252,8 +326,16 @@ class Scorer:
     def __init__(self, backbone: Backbone, prompts: PromptSet | None = None, config: ScorerConfig | None = None):
         self.backbone = backbone
         self.config = config or ScorerConfig()
-        self.encoder = LocalityAwareEncoder(backbone.model.visual, self.config.laa)
-        self.logit_scale = min(float(backbone.logit_scale), MAX_LOGIT_SCALE)
+        visual = backbone.model.visual
+        depth = len(visual.transformer.resblocks)
+        blocks = self.config.memory_blocks
+        self.memory_blocks = default_memory_blocks(depth) if blocks is None else tuple(blocks)
+        self.encoder = LocalityAwareEncoder(visual, self.config.laa, self.memory_blocks, self.config.memory_path)
+        self.memory_dim = (len(self.memory_blocks) * int(visual.transformer.width) if self.memory_blocks
+                           else int(backbone.embed_dim))
+        self.model_logit_scale = min(float(backbone.logit_scale), MAX_LOGIT_SCALE)
+        scale = self.config.logit_scale
+        self.logit_scale = self.model_logit_scale if scale is None else float(scale)
         dev = backbone.device
         self._mean = torch.tensor(backbone.mean, device=dev).view(1, 3, 1, 1)
         self._std = torch.tensor(backbone.std, device=dev).view(1, 3, 1, 1)
@@ -285,10 +367,18 @@ class Scorer:
                 f"prompt set {prompts.label()} was made for {prompts.model_identity}, "
                 f"not for this scorer's {self.backbone.identity}"
             )
-        if prompts.laa is not None and prompts.laa != self.config.laa:
+        problems = self.method_differences(prompts)
+        if problems:
             raise ConfigError(
-                f"prompt set {prompts.label()} was learned with LAA {prompts.laa.describe()}, but this scorer "
-                f"runs LAA {self.config.laa.describe()}; use the same LAA settings"
+                f"prompt set {prompts.label()} was learned under other method choices (LAA, memory, fusion, "
+                f"logit scale): {'; '.join(problems)}. "
+                "Run the scorer with the same options (or retrain the prompts under these)"
+            )
+        if prompts.memory is not None and prompts.memory.shape[-1] != self.memory_dim:
+            raise ConfigError(
+                f"prompt set {prompts.label()} has few-shot memory features of size {prompts.memory.shape[-1]}, "
+                f"but this scorer matches {self.memory_dim} (memory_blocks {list(self.memory_blocks)}); use the "
+                "memory blocks it was made with"
             )
         if prompts.text_features.device == self.backbone.device and (
             prompts.memory is None or prompts.memory.device == self.backbone.device
@@ -300,6 +390,32 @@ class Scorer:
         moved = prompts.to(self.backbone.device)
         self._device_copy = (prompts, moved)
         return moved
+
+    def method_record(self) -> dict[str, object]:
+        """Every choice that changes what scores mean, as artifacts record it (``method`` in the manifest)."""
+        return {"laa": self.config.laa.describe(), "memory_blocks": list(self.memory_blocks),
+                "memory_path": self.config.memory_path, "fusion": self.config.fusion,
+                "memory_weight": self.config.memory_weight, "logit_scale": self.logit_scale}
+
+    def method_differences(self, prompts: PromptSet) -> list[str]:
+        """The recorded choices of ``prompts`` that differ from this scorer's, each naming its field. The
+        memory and fusion fields count only for a set with a few-shot memory; a set that records nothing
+        (zero-shot) fits any scorer."""
+        running = self.method_record()
+        if prompts.method is not None:
+            recorded = dict(prompts.method)
+        elif prompts.laa is not None:
+            recorded = {"laa": prompts.laa.describe()}
+        else:
+            return []
+        if recorded.get("logit_scale", "absent") is None:  # the model's own temperature
+            recorded["logit_scale"] = self.model_logit_scale
+        keys = set(recorded) & set(running)
+        if prompts.memory is None:
+            keys -= set(MEMORY_FIELDS)
+        if not self.memory_blocks and "memory_path" in keys and not recorded.get("memory_blocks"):
+            keys.discard("memory_path")  # no tapped blocks: the path is moot
+        return config_differences({k: recorded[k] for k in keys}, {k: running[k] for k in keys})
 
     # -------------------------------------------------------------------------------- stages
     def preprocess(self, frames: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
@@ -320,34 +436,82 @@ class Scorer:
 
     @torch.inference_mode()
     def encode(self, frames: Sequence[np.ndarray | torch.Tensor]) -> ImageTokens:
-        """Frames -> projected tokens (float32): cls [B, D], patches [B, N, D]. Chunked by ``max_batch``."""
-        cls_parts, patch_parts = [], []
+        """Frames -> tokens (float32): cls [B, D], patches [B, N, D], memory features [B, N, F] (or None).
+        Chunked by ``max_batch``."""
+        parts: list[ImageTokens] = []
         for start in range(0, len(frames), self.config.max_batch):
             tokens = self.encoder(self.preprocess(frames[start : start + self.config.max_batch]))
-            cls_parts.append(tokens.cls.float())
-            patch_parts.append(tokens.patches.float())
-        if len(cls_parts) == 1:
-            return ImageTokens(cls=cls_parts[0], patches=patch_parts[0])
-        return ImageTokens(cls=torch.cat(cls_parts), patches=torch.cat(patch_parts))
+            parts.append(ImageTokens(tokens.cls.float(), tokens.patches.float(),
+                                     None if tokens.memory is None else tokens.memory.float()))
+        return concat_tokens(parts)
 
-    def build_memory(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
-        """k normal reference frames -> few-shot memory [k*N, D] of normalised patch features (on cpu)."""
+    def memory_features(self, tokens: ImageTokens) -> torch.Tensor:
+        """The features the few-shot memory matches: [B, N, F]."""
+        if not self.memory_blocks:
+            return tokens.patches
+        if tokens.memory is None:
+            raise ConfigError(f"this scorer's memory matches blocks {list(self.memory_blocks)}, but the image "
+                              "tokens carry no memory features (an encoder that does not fill ImageTokens.memory)")
+        return tokens.memory
+
+    def memory_bank(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
+        """k normal reference frames -> per-image normalised memory features [k, N, F] (on cpu)."""
         if not frames:
             raise ConfigError("few-shot memory needs at least one normal reference image")
-        patches = self.encode(frames).patches
-        return F.normalize(patches.reshape(-1, patches.shape[-1]), dim=-1).cpu()
+        return F.normalize(self.memory_features(self.encode(frames)), dim=-1).cpu()
+
+    def build_memory(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
+        """k normal reference frames -> few-shot memory [k*N, F] of normalised patch features (on cpu)."""
+        bank = self.memory_bank(frames)
+        return bank.reshape(-1, bank.shape[-1])
+
+    @torch.inference_mode()
+    def memory_with_scales(self, frames: Sequence[np.ndarray],
+                           prompts: PromptSet) -> tuple[torch.Tensor, FusionScales | None]:
+        """k normal reference frames -> (memory [k*N, F], `FusionScales`) for ``prompts``: each shot is scored
+        against the other shots' memory (leave-one-out), so the scales come from normals the memory does
+        not hold. With one shot no such normal exists: the scales are None (unit scales)."""
+        tokens = self.encode(frames)
+        bank = F.normalize(self.memory_features(tokens), dim=-1)  # [k, N, F]
+        memory = bank.reshape(-1, bank.shape[-1]).cpu()
+        if len(frames) < 2:
+            return memory, None
+        distance = torch.stack([
+            memory_distance(bank[i : i + 1], bank[[j for j in range(len(frames)) if j != i]].reshape(-1, bank.shape[-1]))[0]
+            for i in range(len(frames))])
+        text = prompts.text_features.to(self.backbone.device)
+        image = anomaly_probability(tokens.cls, text, self.logit_scale)
+        patch = anomaly_probability(tokens.patches, text, self.logit_scale)
+        return memory, (normal_scale(image), normal_scale(distance.amax(dim=1)), normal_scale(patch),
+                        normal_scale(distance))
+
+    @torch.inference_mode()
+    def branch_scores(self, tokens: ImageTokens, prompts: PromptSet,
+                      memory: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(text image score [B], text patch scores [B, N], memory distances [B, N] or None) before fusion;
+        ``memory`` overrides the set's own (leave-one-out calibration)."""
+        text = prompts.text_features
+        image_score = anomaly_probability(tokens.cls, text, self.logit_scale)  # [B]
+        patch_score = anomaly_probability(tokens.patches, text, self.logit_scale)  # [B, N]
+        bank = prompts.memory if memory is None else memory
+        distance = None if bank is None else memory_distance(self.memory_features(tokens), bank.to(text.device))
+        return image_score, patch_score, distance
+
+    def fused_scores(self, image_score: torch.Tensor, patch_score: torch.Tensor, distance: torch.Tensor | None,
+                     scales: FusionScales | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Branch scores -> (image scores [B], patch scores [B, N]) as the service fuses them."""
+        w = self.config.memory_weight
+        if distance is None or w <= 0:
+            return image_score, patch_score
+        s = scales or UNIT_SCALES
+        fusion = self.config.fusion
+        return (fuse(image_score, distance.amax(dim=1), w, fusion, s[0], s[1]),
+                fuse(patch_score, distance, w, fusion, s[2], s[3]))
 
     @torch.inference_mode()
     def score_tensors(self, tokens: ImageTokens, prompts: PromptSet) -> ScoreTensors:
         """Projected tokens of a batch -> scores and model-size maps on the device (no host sync)."""
-        text = prompts.text_features
-        image_score = anomaly_probability(tokens.cls, text, self.logit_scale)  # [B]
-        patch_score = anomaly_probability(tokens.patches, text, self.logit_scale)  # [B, N]
-        if prompts.memory is not None and self.config.memory_weight > 0:
-            w = self.config.memory_weight
-            distance = memory_distance(tokens.patches, prompts.memory)
-            patch_score = (1.0 - w) * patch_score + w * distance
-            image_score = (1.0 - w) * image_score + w * distance.amax(dim=1)
+        image_score, patch_score = self.fused_scores(*self.branch_scores(tokens, prompts), prompts.fusion_scales)
         maps = patch_maps(patch_score, self.backbone.grid_size, self.backbone.image_size, self.config.sigma)
         return ScoreTensors(pred_score=image_score.clamp(0.0, 1.0), maps=maps)
 

@@ -13,10 +13,11 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from hpad.attention import LAAConfig
 from hpad.mpts import TrainConfig, apply_guided_step, build_pool, meta_text_features, step_losses
 from hpad.oagm import OAGMConfig, ObjectRegion, feature_saliency_tensor
 from hpad.prompts import PromptLearner
-from hpad.scorer import Scorer, memory_distance, pack_mask_bits
+from hpad.scorer import Scorer, ScorerConfig, memory_distance, pack_mask_bits
 from tests.fake_cuda import CudaKernelError, fake_cuda, fake_module, is_fake_cuda
 
 
@@ -81,10 +82,12 @@ def test_laa_encoder_and_scoring_on_cuda(fake, fake_scorer):
 
 def test_memory_and_masks_on_cuda(fake, fake_scorer):
     encoded = fake_scorer.encode(_frames(2, (64, 64, 3)))
-    memory = torch.nn.functional.normalize(encoded.patches.reshape(-1, encoded.patches.shape[-1]), dim=-1)
-    distance = memory_distance(encoded.patches, memory)
+    assert encoded.memory is not None and is_fake_cuda(encoded.memory)  # intermediate-block memory features
+    features = fake_scorer.memory_features(encoded)
+    memory = torch.nn.functional.normalize(features.reshape(-1, features.shape[-1]), dim=-1)
+    distance = memory_distance(features, memory)
     assert is_fake_cuda(distance)
-    prompts = fake_scorer.check_prompts(fake_scorer.prompts.with_memory(memory.cpu()))
+    prompts = fake_scorer.check_prompts(fake_scorer.prompts.with_memory(memory.cpu(), (0.5, 0.2, 0.5, 0.2)))
     assert is_fake_cuda(prompts.memory)
     scores = fake_scorer.score_tensors(encoded, prompts)
     bits, counts = pack_mask_bits(scores.maps, (90, 130), 0.5)  # what ScoredBatch.masks runs
@@ -113,6 +116,38 @@ def test_tiles_cropped_scored_and_blended_on_cuda(fake, fake_scorer):
         assert is_fake_cuda(bits) and tuple(bits.shape) == (1, 200, 33) and is_fake_cuda(counts)
     assert is_fake_cuda(scored.pred_score[:6].amax())  # the frame's score: max over its tiles, on the device
     assert fake.guard.syncs == 0
+
+
+@pytest.mark.parametrize("fusion", ["normalized", "harmonic", "linear"])
+@pytest.mark.parametrize("laa", [LAAConfig(), LAAConfig(dual_path=False, kernel="qk", patch_mlp=True),
+                                 LAAConfig(kernel="qk", patch_mlp=True)])
+def test_method_options_on_cuda(fake, tiny_scorer, fusion, laa):
+    """Every encoder path (dual / single, v-v / q-k, with and without the patch MLP) and every fusion on the
+    device, memory from the vanilla path too; nothing waits on the device."""
+    scorer = Scorer(fake.backbone, tiny_scorer.prompts, ScorerConfig(laa=laa, fusion=fusion, memory_path="vanilla"))
+    encoded = scorer.encode(_frames(3, (64, 48, 3)))
+    assert all(is_fake_cuda(t) for t in encoded)
+    features = scorer.memory_features(encoded)
+    memory = torch.nn.functional.normalize(features.reshape(-1, features.shape[-1]), dim=-1)
+    prompts = scorer.check_prompts(scorer.prompts.with_memory(memory.cpu(), (0.5, 0.2, 0.5, 0.2)))
+    scores = scorer.score_tensors(encoded, prompts)
+    assert is_fake_cuda(scores.pred_score) and is_fake_cuda(scores.maps)
+    assert fake.guard.syncs == 0
+
+
+def test_held_out_memory_calibration_on_cuda(fake, fake_scorer):
+    """Training's leave-one-out memory distances, fusion scales' inputs and served fusion on the device."""
+    from hpad.mpts import memory_distances_held_out, served_branches
+
+    normals = _frames(3, (48, 48, 3))
+    regions = [ObjectRegion(mask=np.ones((48, 48), bool), kind="object", score=1.0) for _ in normals]
+    pool = build_pool(fake_scorer, np.random.default_rng(0), normals, regions, 3, 3, OAGMConfig())
+    bank = fake_scorer.memory_bank(normals)
+    distance, kind = memory_distances_held_out(fake_scorer, pool, bank)
+    assert kind == "leave-one-out" and is_fake_cuda(distance)
+    branches = served_branches(fake_scorer, pool, fake_scorer.prompts, distance)
+    image, patch = fake_scorer.fused_scores(branches.image, branches.patch, branches.distance, (0.5, 0.2, 0.5, 0.2))
+    assert is_fake_cuda(image) and is_fake_cuda(patch)
 
 
 def test_oagm_feature_saliency_on_cuda(fake, fake_scorer):

@@ -6,8 +6,10 @@ Splits (disjoint, newest frames favoured for training):
 * ``train`` - the newest ``shots`` normals (verified ones first): the k shots of the method and the few-shot
   memory.
 * ``early-stop`` - normals MPTS validates on for early stopping and threshold calibration.
-* ``gate`` - normals never seen by training, plus fresh OAGM anomalies from a seed training never uses, plus
-  any labelled anomalies operators provide. Both the current prompts and the candidate are scored on this
+* ``gate`` - normals never seen by training, plus fresh OAGM anomalies from a seed training never uses,
+  synthesised on those gate normals (never on the shots: the shots are the few-shot memory, and an anomaly
+  made on a memory image matches it exactly everywhere but the defect), plus any labelled anomalies
+  operators provide. Both the current prompts and the candidate are scored on this
   pool exactly as the service scores (few-shot memory included).
 * ``defects`` - frames operators confirmed as real defects (``hpad console`` feedback, `tuner.feedback`):
   scored beside the gate's anomalies at image level (they carry no pixel mask, so pixel AUROC stays on the
@@ -41,7 +43,9 @@ from hpad.mpts import (
     TrainConfig,
     TrainResult,
     build_pool,
+    concat_pools,
     evaluate_as_served,
+    mask_to_model,
     pool_on_device,
     score_pool,
 )
@@ -124,23 +128,13 @@ def split_normals(n: int, shots: int, gate_normals: int) -> dict[str, list[int]]
 def _with_labelled(pool: Pool, labelled: Pool | None) -> Pool:
     if labelled is None or len(labelled) == 0:
         return pool
-    from hpad.attention import ImageTokens
-
-    tokens = ImageTokens(torch.cat([pool.tokens.cls, labelled.tokens.cls]),
-                         torch.cat([pool.tokens.patches, labelled.tokens.patches]))
-    return Pool(tokens, torch.cat([pool.labels, labelled.labels]), torch.cat([pool.masks, labelled.masks]),
-                pool.generators + labelled.generators)
+    return concat_pools([pool, labelled])
 
 
 def encode_labelled(scorer: Scorer, images: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> Pool:
     """Operator-labelled anomalies (with pixel masks) as a pool for the gate."""
-    import torch.nn.functional as F
-
     size = scorer.backbone.image_size
-    resized = [
-        (F.interpolate(torch.from_numpy(m.astype(np.float32))[None, None], size=size, mode="area")[0, 0] > 0.5).float()
-        for m in masks
-    ]
+    resized = [mask_to_model(m.astype(bool), size) for m in masks]
     return pool_on_device(scorer, images, torch.ones(len(images), dtype=torch.long), torch.stack(resized),
                           ["labelled"] * len(images))
 
@@ -170,13 +164,12 @@ def tune_category(
     result = train(scorer, train_frames, category, train_config, init_ctx=init_ctx, val_normals=early,
                    tiling=config.tiling)
     if config.tiling is not None:  # the gate scores what the scorers score: tiles of large frames
-        size = scorer.backbone.image_size
-        train_frames = training_views(train_frames, size, config.tiling)[0]
-        gate_frames = training_views(gate_frames, size, config.tiling)[0]
+        gate_frames = training_views(gate_frames, scorer.backbone.image_size, config.tiling)[0]
     rng = np.random.default_rng(seed + 7_919)
-    regions = object_masks(scorer, train_frames, train_config.oagm)
-    gate_pool = build_pool(scorer, rng, train_frames, regions, 0, config.gate_anomalies, train_config.oagm,
-                           extra_normals=gate_frames)
+    regions = object_masks(scorer, gate_frames, train_config.oagm)
+    gate_pool = build_pool(scorer, rng, gate_frames, regions, 0, config.gate_anomalies, train_config.oagm,
+                           extra_normals=gate_frames, sources=[-1] * len(gate_frames),
+                           orientation=train_config.orientation)
     gate_pool = _with_labelled(gate_pool, labelled)
     feedback: dict[str, object] = {}
     if defects:

@@ -52,3 +52,30 @@ def test_managed_process_stops_what_it_started(tmp_path):
     process = ManagedProcess("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"]).start()
     assert process.alive()
     assert process.stop(timeout_s=5) == -15 and not process.alive()
+
+
+def test_summary_splits_good_and_defective_frames(tmp_path):
+    """The camera's frame ids carry its sequence number; the demo maps it back to the image's folder (MVTec
+    layout: good/ vs defect folders) and splits the flagged counts per prompt version."""
+    from consumers.demo import frame_truth, ground_truth, truth_lines
+
+    for folder, names in {"good": ["000.png", "001.png"], "broken": ["000.png"]}.items():
+        (tmp_path / folder).mkdir()
+        for name in names:
+            (tmp_path / folder / name).write_bytes(b"png")
+    truth = ground_truth(tmp_path)
+    assert truth == ["defective", "good", "good"]  # sorted by path, as the camera streams them
+    assert [frame_truth(f"cam-1-2-abc123-{seq:07d}", truth) for seq in range(4)] == \
+        ["defective", "good", "good", "defective"]  # --loop wraps around
+    assert frame_truth("poison-junk", truth) is None and frame_truth("cam-1-run-0000001", []) is None
+    stats = Stats()
+    now = datetime.now(UTC)
+    event = {"prompt_version": 0, "is_anomaly": True, "random_weights": True, "model": "m", "weights": "w",
+             "precision": "fp32", "device": "cpu"}
+    for truth_kind, flagged in (("good", True), ("good", False), ("defective", True), ("defective", True)):
+        stats.add_event({**event, "is_anomaly": flagged}, now, truth_kind)
+    stats.add_event({**event, "prompt_version": 1, "is_anomaly": False}, now, "good")
+    assert truth_lines(stats.truth) == [
+        "prompts v0: good frames flagged 1 of 2 (50 %); defective frames flagged 2 of 2 (100 %)",
+        "prompts v1: good frames flagged 0 of 1 (0 %)",
+    ]

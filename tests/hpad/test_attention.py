@@ -41,10 +41,17 @@ def pixels(tiny_backbone):
     return torch.randn(1, 3, *tiny_backbone.image_size)
 
 
-def test_locality_all_blocks_masked(tiny_backbone, pixels):
-    """LAA on every block, radius 1, 4 blocks: patch (0,0) depends only on patches within distance 4."""
+@pytest.mark.parametrize("options", [
+    {"dual_path": False, "kernel": "qk", "patch_mlp": True},  # the paper's LAA (hpad before issue 17)
+    {},  # the defaults: dual path, v-v kernel, no MLP on the patch path
+    {"kernel": "qk", "patch_mlp": True},  # dual path with CLIP's own attention on the patch path
+])
+def test_locality_all_blocks_masked(tiny_backbone, pixels, options):
+    """LAA on every block, radius 1, 4 blocks: patch (0,0) depends only on patches within distance 4, with or
+    without the dual path (whose class token is vanilla CLIP's, tests/hpad/test_method.py) and either kernel."""
     depth = len(tiny_backbone.model.visual.transformer.resblocks)
-    encoder = LocalityAwareEncoder(tiny_backbone.model.visual, LAAConfig(enabled=True, layers=depth, radius=1))
+    config = LAAConfig(enabled=True, layers=depth, radius=1, **options)
+    encoder = LocalityAwareEncoder(tiny_backbone.model.visual, config)
     patch = tiny_backbone.patch_size[0]
     base = _tokens_after(encoder, pixels)
     far = _tokens_after(encoder, _perturb_patch(pixels, 7, 6, patch))  # Chebyshev distance 7 > 4
@@ -55,10 +62,11 @@ def test_locality_all_blocks_masked(tiny_backbone, pixels):
     assert (far[7 * 8 + 6] - base[7 * 8 + 6]).abs().max() > 1e-3
 
 
-def test_locality_last_block_stack(tiny_backbone):
+@pytest.mark.parametrize("kernel", ["qk", "vv"])
+def test_locality_last_block_stack(tiny_backbone, kernel):
     """Within the masked stack (last 2 blocks, radius 1) outputs depend only on inputs within 2 patches."""
     visual = tiny_backbone.model.visual
-    encoder = LocalityAwareEncoder(visual, LAAConfig(enabled=True, layers=2, radius=1))
+    encoder = LocalityAwareEncoder(visual, LAAConfig(enabled=True, layers=2, radius=1, kernel=kernel))
     torch.manual_seed(1)
     x = torch.randn(1, 65, visual.transformer.width)
     last = visual.transformer.resblocks[2:]
@@ -144,7 +152,8 @@ def test_fast_masked_block_equals_additive_mask_path(tiny_backbone):
 
 
 def test_run_blocks_stops_before_a_block(tiny_backbone, pixels):
-    """run_blocks(x, stop=-1) gives the tokens entering the last block: one more block_forward ends the tower."""
+    """run_blocks(x, stop=-1) gives the class-token path's tokens entering the last block: one more cls_block_forward
+    ends the tower."""
     visual = tiny_backbone.model.visual
     blocks = visual.transformer.resblocks
     encoder = LocalityAwareEncoder(visual, LAAConfig(layers=2, radius=1))
@@ -153,5 +162,5 @@ def test_run_blocks_stops_before_a_block(tiny_backbone, pixels):
         before_last = encoder.run_blocks(x, stop=-1)
         assert torch.equal(encoder.run_blocks(x, stop=len(blocks) - 1), before_last)
         assert torch.equal(encoder.run_blocks(x, stop=0), x)
-        full = encoder.block_forward(len(blocks) - 1, blocks[-1], before_last)
+        full = encoder.cls_block_forward(len(blocks) - 1, blocks[-1], before_last)
         assert torch.equal(full, encoder.run_blocks(x))

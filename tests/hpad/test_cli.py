@@ -153,7 +153,10 @@ def test_train_then_eval_with_the_artifact(dataset, tmp_path, capsys):
     artifact = read_artifact(artifact_path, expected_identity="hpad-tiny/random-init")
     manifest = artifact.manifest
     assert manifest["k"] == 2 and manifest["seed"] == 3 and manifest["category"] == "widget"
-    assert manifest["laa"] == {"enabled": True, "layers": 4, "radius": 1}
+    assert manifest["laa"] == {"enabled": True, "layers": 4, "radius": 1, "dual_path": True, "kernel": "vv",
+                               "patch_mlp": False}
+    assert manifest["method"]["laa"] == manifest["laa"] and manifest["method"]["fusion"] == "harmonic"
+    assert manifest["method"]["memory_blocks"] == [1, 3] and len(manifest["fusion_scales"]) == 4
     assert manifest["training"]["config"]["mpts"] is True and manifest["random_weights"] is True
     assert set(manifest["training"]) == {"config", "metrics", "history_tail"}
     assert set(manifest["training"]["metrics"]["val_after"]) == {"image_AUROC", "pixel_AUROC", "loss"}

@@ -118,7 +118,10 @@ def test_sentence_has_no_human_words_but_the_optional_class(tiny_backbone):
 # ---------------------------------------------------------------------------------------- training (tiny model)
 
 TRAIN = dict(epochs=12, steps_per_epoch=4, batch_size=16, train_normals=16, train_anomalies=24,
-             val_normals=8, val_anomalies=8, lr=5e-3, seed=0, patience=100)
+             val_normals=8, val_anomalies=8, lr=5e-3, seed=0, patience=100, optimizer="adamw", schedule="constant",
+             selection="loss", orientation="on")
+# the text path on its own (legacy optimiser and selection); the synthetic blobs look the same flipped or turned,
+# so flip/rot90 views are allowed (the default turns them off for objects)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +139,7 @@ def held_out(tiny_scorer, normals):
     from hpad.oagm import OAGMConfig, object_masks
 
     regions = object_masks(tiny_scorer, normals, OAGMConfig())
-    return build_pool(tiny_scorer, np.random.default_rng(777), normals, regions, 24, 24, OAGMConfig())
+    return build_pool(tiny_scorer, np.random.default_rng(777), normals, regions, 24, 24, OAGMConfig(), orientation="on")
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +177,8 @@ def test_result_is_a_scorable_calibrated_prompt_set(tiny_scorer, trained, normal
     prompts = trained.prompts
     assert prompts.source == "learned" and prompts.model_identity == tiny_scorer.backbone.identity
     assert prompts.laa == tiny_scorer.config.laa
-    assert prompts.memory is not None and prompts.memory.shape[1] == tiny_scorer.backbone.embed_dim
+    assert prompts.memory is not None and prompts.memory.shape[1] == tiny_scorer.memory_dim
+    assert prompts.method == tiny_scorer.method_record() and prompts.fusion_scales is not None
     assert 0.0 < prompts.threshold < 1.0 and 0.0 < prompts.pixel_threshold < 1.0
     scores, maps = tiny_scorer.score(normals, prompts=prompts)
     assert scores.shape == (2,) and maps[0].shape == normals[0].shape[:2]

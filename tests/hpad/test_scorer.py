@@ -102,7 +102,9 @@ def test_few_shot_memory_scores_reference_as_normal(tiny_backbone):
     references = _frames(6, 2)
     memory = scorer.build_memory(references)
     n_patches = tiny_backbone.grid_size[0] * tiny_backbone.grid_size[1]
-    assert memory.shape == (2 * n_patches, tiny_backbone.embed_dim)
+    width = tiny_backbone.model.visual.transformer.width
+    assert scorer.memory_blocks == (1, 3)  # PromptAD's blocks 3 and 8 of 12, scaled to 4 blocks
+    assert memory.shape == (2 * n_patches, 2 * width) == (2 * n_patches, scorer.memory_dim)
     prompts = scorer.prompts.with_memory(memory)
     seen = scorer.score(references[:1], prompts=prompts)
     unseen = scorer.score(_frames(7, 1), prompts=prompts)
