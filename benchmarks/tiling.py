@@ -151,7 +151,7 @@ def accuracy(scorer: Scorer, seed: int = 0) -> list[dict[str, Any]]:
     size, model_size = SIZES["12mp"], scorer.backbone.image_size
     rng = np.random.default_rng(seed)
     normal = woven_frame(rng, size)
-    tests = [add_spots(rng, woven_frame(rng, size), count=3, radius=20) for _ in range(2)]
+    tests = [add_spots(rng, woven_frame(rng, size), count=3, radius=8) for _ in range(2)]
     truth = np.stack([mask[::4, ::4] for _, mask in tests])
     rows = []
     policies = {"off (whole frame)": OFF, "auto (default, HPAD_TILE_MIN_PIXELS=0)": TilingPolicy(min_pixels=0),
@@ -185,7 +185,7 @@ def table(rows: list[dict[str, Any]], acc: list[dict[str, Any]], info: dict[str,
         h, w = SIZES[size]
         lines.append(f"| {w}x{h} ({h * w / 1e6:.1f} MP) | {tiling} | {', '.join(map(str, r['tiles_per_frame']))} | "
                      f"{r['drain_fps']:.2f} | {r['cpu_ms_per_frame_median']:.0f} |")
-    lines += ["", "Small defects (three 40 px spots per frame) on two 4000x3000 frames, few-shot memory from one "
+    lines += ["", "Small defects (three 16 px spots per frame) on two 4000x3000 frames, few-shot memory from one "
               "normal frame cut the same way; metrics on every 4th pixel:", "",
               "| model (random weights) | tiling | tiles | pixel AUROC | AUPRO |", "|---|---|---|---|---|"]
     for r in acc:
