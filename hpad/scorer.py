@@ -6,7 +6,7 @@ Pipeline (all batched tensor ops on the scorer's device, no PIL):
    frame, no centre crop, so the map covers every pixel) to the model's input size with antialiased bilinear
    interpolation, normalised with the weights' mean/std. Frames of equal size are resized together.
 2. Image tower with Locality-Aware Attention (`hpad.attention`) -> projected class token [B, D] and patch
-   tokens [B, N, D].
+   tokens [B, N, D], run by the scorer's runtime (`hpad.runtime`: torch eager, ONNX Runtime or OpenVINO).
 3. Scores against the prompt set's (normal, anomalous) embedding pair: softmax over cosine similarity x
    CLIP's logit scale; the anomalous probability is the image score (class token) and the patch score.
 4. Optional few-shot memory (WinCLIP+ / PromptAD style): each patch's distance to its nearest normal
@@ -35,6 +35,7 @@ from hpad.errors import ConfigError, FrameError
 from hpad.frames import check_frame
 from hpad.masks import PackedMask
 from hpad.prompts import ANOMALOUS, PromptSet, zero_shot_prompt_set
+from hpad.runtime import ImageEncoderRuntime, TorchEncoder
 
 
 @dataclass(frozen=True)
@@ -249,10 +250,13 @@ class ScoredBatch:
 class Scorer:
     """Frozen CLIP + LAA. Thread-compatible: one scoring call at a time per instance."""
 
-    def __init__(self, backbone: Backbone, prompts: PromptSet | None = None, config: ScorerConfig | None = None):
+    def __init__(self, backbone: Backbone, prompts: PromptSet | None = None, config: ScorerConfig | None = None,
+                 runtime: ImageEncoderRuntime | None = None):
         self.backbone = backbone
         self.config = config or ScorerConfig()
         self.encoder = LocalityAwareEncoder(backbone.model.visual, self.config.laa)
+        # what runs the image tower in `encode` (`hpad.runtime`): torch eager unless an exported one is given
+        self.runtime: ImageEncoderRuntime = runtime if runtime is not None else TorchEncoder(self.encoder)
         self.logit_scale = min(float(backbone.logit_scale), MAX_LOGIT_SCALE)
         dev = backbone.device
         self._mean = torch.tensor(backbone.mean, device=dev).view(1, 3, 1, 1)
@@ -320,15 +324,13 @@ class Scorer:
 
     @torch.inference_mode()
     def encode(self, frames: Sequence[np.ndarray | torch.Tensor]) -> ImageTokens:
-        """Frames -> projected tokens (float32): cls [B, D], patches [B, N, D]. Chunked by ``max_batch``."""
-        cls_parts, patch_parts = [], []
-        for start in range(0, len(frames), self.config.max_batch):
-            tokens = self.encoder(self.preprocess(frames[start : start + self.config.max_batch]))
-            cls_parts.append(tokens.cls.float())
-            patch_parts.append(tokens.patches.float())
-        if len(cls_parts) == 1:
-            return ImageTokens(cls=cls_parts[0], patches=patch_parts[0])
-        return ImageTokens(cls=torch.cat(cls_parts), patches=torch.cat(patch_parts))
+        """Frames -> projected tokens (float32): cls [B, D], patches [B, N, D], run by ``self.runtime``. Chunked
+        by ``max_batch``."""
+        parts = [self.runtime(self.preprocess(frames[start : start + self.config.max_batch]))
+                 for start in range(0, len(frames), self.config.max_batch)]
+        if len(parts) == 1:
+            return ImageTokens(*(value.float() for value in parts[0]))
+        return ImageTokens(*(torch.cat([part[i].float() for part in parts]) for i in range(len(ImageTokens._fields))))
 
     def build_memory(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
         """k normal reference frames -> few-shot memory [k*N, D] of normalised patch features (on cpu)."""

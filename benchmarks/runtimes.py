@@ -1,0 +1,165 @@
+"""Benchmark the image-encoder runtimes: torch eager fp32 / bf16, ONNX Runtime fp32 / int8, OpenVINO fp32 /
+bf16 / int8, on the image tower with LAA (what `hpad.runtime` runs), one batch of normalised pixels.
+
+Usage: python benchmarks/runtimes.py [--model ViT-B-16-plus-240] [--batch 8] [--repeats 5] [--threads 2]
+       [--export-dir DIR (reuse exports made by an earlier run)]
+
+Every runtime is measured in its own subprocess (so each peak RSS is that runtime's own): import, load,
+one warm-up batch, then ``--repeats`` timed batches; the median is reported. Two memory figures per row:
+``peak RSS encoder`` (the process's peak with only what that runtime needs to encode: for torch the open_clip
+model as hpad loads it, image and text towers; for exported runtimes the exported image tower alone) and
+``RSS serving`` (resident memory once serving as a `hpad serve` worker does: for exported runtimes the torch
+model is loaded beside them for the text tower and the torch image tower's weights are released,
+`hpad.runtime.release_torch_tower`).
+Random weights (pretrained ones cannot be downloaded here): speed does not depend on the weights' values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import current_rss_mib, machine, median, peak_rss_mib, write_results
+
+CONFIGS = [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"),
+           ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8")]
+FORMAT_OF = {"onnxruntime": "onnx", "openvino": "openvino"}
+
+
+def child(ns: argparse.Namespace) -> int:
+    """One runtime in this process: prints one JSON line."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(ns.threads)
+    start = time.perf_counter()
+    if ns.kind == "torch":
+        from hpad.attention import LAAConfig, LocalityAwareEncoder
+        from hpad.backbone import WeightsSpec, load_backbone
+        from hpad.runtime import TorchEncoder
+
+        backbone = load_backbone(WeightsSpec(model=ns.model, random_init=True), device="cpu", precision=ns.precision)
+        runtime = TorchEncoder(LocalityAwareEncoder(backbone.model.visual, LAAConfig()))
+        size, dtype = backbone.image_size, backbone.dtype
+    else:
+        from hpad.export import read_manifest
+        from hpad.runtime import RuntimeSpec, load_exported
+
+        folder = Path(ns.model_dir)
+        manifest = read_manifest(folder, FORMAT_OF[ns.kind])
+        runtime = load_exported(RuntimeSpec(ns.kind, folder, ns.precision, ns.threads), manifest, folder)
+        size, dtype = tuple(manifest.input_size), torch.float32
+    load_s = time.perf_counter() - start
+    pixels = torch.from_numpy(np.random.default_rng(0).standard_normal((ns.batch, 3, *size), dtype=np.float32))
+    pixels = pixels.to(dtype)
+    times = []
+    with torch.inference_mode():
+        runtime(pixels)  # warm-up
+        for _ in range(ns.repeats):
+            t0 = time.perf_counter()
+            runtime(pixels)
+            times.append(time.perf_counter() - t0)
+    encoder_rss = peak_rss_mib()
+    serve_rss = current_rss_mib()
+    if ns.kind != "torch":  # what hpad serve holds beside the runtime: the torch model for the text tower
+        from hpad.backbone import WeightsSpec, load_backbone
+        from hpad.runtime import release_torch_tower
+
+        backbone = load_backbone(WeightsSpec(model=ns.model, random_init=True), device="cpu")
+        release_torch_tower(backbone)
+        with torch.inference_mode():
+            runtime(pixels)
+        serve_rss = current_rss_mib()
+    print(json.dumps({"runtime": ns.kind, "precision": ns.precision, "batch": ns.batch, "threads": ns.threads,
+                      "seconds": times, "load_s": load_s, "peak_rss_encoder_mib": encoder_rss,
+                      "rss_serve_mib": serve_rss}), flush=True)
+    return 0
+
+
+def export_all(model: str, out: Path) -> dict[str, dict]:
+    """fp32 + int8 exports of ``model`` (random weights) for ONNX and OpenVINO, in a subprocess each."""
+    made = {}
+    for fmt in ("onnx", "openvino"):
+        folder = out / fmt
+        if not (folder / "hpad-encoder.json").is_file():
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "hpad.cli", "export", "--format", fmt, "--out", str(folder),
+                            "--model", model, "--random-init", "--device", "cpu", "--int8"], check=True)
+            print(f"exported {fmt} in {time.perf_counter() - t0:.0f} s", flush=True)
+        made[fmt] = json.loads((folder / "hpad-encoder.json").read_text())
+    return made
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ViT-B-16-plus-240")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--export-dir", type=Path, help="reuse (or keep) the exports here")
+    parser.add_argument("--only", nargs="*", help="runtime:precision pairs to run (default: all)")
+    parser.add_argument("--name", default="runtimes")
+    parser.add_argument("--child", nargs=2, metavar=("KIND", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ns = parser.parse_args()
+    if ns.child:
+        ns.kind, ns.precision = ns.child
+        return child(ns)
+
+    with tempfile.TemporaryDirectory(prefix="hpad-runtimes-") as tmp:
+        root = ns.export_dir or Path(tmp)
+        manifests = export_all(ns.model, root)
+        rows = []
+        configs = [c for c in CONFIGS if not ns.only or f"{c[0]}:{c[1]}" in ns.only]
+        for kind, precision in configs:
+            cmd = [sys.executable, __file__, "--child", kind, precision, "--model", ns.model, "--batch", str(ns.batch),
+                   "--repeats", str(ns.repeats), "--threads", str(ns.threads)]
+            if kind != "torch":
+                cmd += ["--model-dir", str(root / FORMAT_OF[kind])]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"{kind} {precision}: failed\n{done.stderr[-2000:]}", flush=True)
+                rows.append({"runtime": kind, "precision": precision, "error": done.stderr[-500:]})
+                continue
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            row["ms_per_batch"] = 1000 * median(row["seconds"])
+            row["frames_per_s"] = ns.batch / median(row["seconds"])
+            rows.append(row)
+            print(f"{kind} {precision}: {row['ms_per_batch']:.0f} ms/batch, {row['frames_per_s']:.2f} frames/s, "
+                  f"peak RSS {row['peak_rss_encoder_mib']:.0f} MiB (serving {row['rss_serve_mib']:.0f})", flush=True)
+    info = machine()
+    base = next((r for r in rows if r["runtime"] == "torch" and r["precision"] == "bf16" and "error" not in r), None)
+    for row in rows:
+        if base and "error" not in row:
+            row["speedup_vs_torch_bf16"] = base["ms_per_batch"] / row["ms_per_batch"]
+    payload = {"benchmark": "runtimes", "machine": info, "settings": {k: str(v) for k, v in vars(ns).items()},
+               "results": rows, "parity_at_export": {k: m.get("parity") for k, m in manifests.items()},
+               "random_weights": True}
+    lines = [
+        f"Image tower with LAA, {ns.model} (random weights), batch {ns.batch}, {ns.threads} threads, median of "
+        f"{ns.repeats}; {info['cpu']}, {info['cpu_count']} cores shared with parallel work, torch {info['torch']}, "
+        f"{info['date'][:10]}",
+        "",
+        "| runtime | precision | ms/batch | frames/s | vs torch bf16 | peak RSS encoder (MiB) | RSS serving (MiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['runtime']} | {r['precision']} | failed | | | | |")
+            continue
+        lines.append(f"| {r['runtime']} | {r['precision']} | {r['ms_per_batch']:.0f} | {r['frames_per_s']:.2f} | "
+                     f"{r.get('speedup_vs_torch_bf16', float('nan')):.2f}x | {r['peak_rss_encoder_mib']:.0f} | "
+                     f"{r['peak_rss_serve_mib']:.0f} |")
+    write_results(ns.name, payload, "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
