@@ -7,7 +7,7 @@ Usage: python benchmarks/runtimes.py [--model ViT-B-16-plus-240] [--batch 8] [--
 Every runtime is measured in its own subprocess (so each peak RSS is that runtime's own): import, load,
 one warm-up batch, then ``--repeats`` timed batches; ``--rounds`` rounds go round-robin over the runtimes
 (the machine is shared: load from other work then hits every runtime alike) and the median and the best of
-all timed batches are reported. Two memory figures per row:
+all timed batches are reported, with the median CPU time (user + system, all threads) per batch. Two memory figures per row:
 ``peak RSS encoder`` (the process's peak with only what that runtime needs to encode: for torch the open_clip
 model as hpad loads it, image and text towers; for exported runtimes the exported image tower alone) and
 ``RSS serving`` (resident memory once serving as a `hpad serve` worker does: for exported runtimes the torch
@@ -61,13 +61,14 @@ def child(ns: argparse.Namespace) -> int:
     load_s = time.perf_counter() - start
     pixels = torch.from_numpy(np.random.default_rng(0).standard_normal((ns.batch, 3, *size), dtype=np.float32))
     pixels = pixels.to(dtype)
-    times = []
+    times, cpu_times = [], []
     with torch.inference_mode():
         runtime(pixels)  # warm-up
         for _ in range(ns.repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             runtime(pixels)
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     encoder_rss = peak_rss_mib()
     serve_rss = current_rss_mib()
     if ns.kind != "torch":  # what hpad serve holds beside the runtime: the torch model for the text tower
@@ -80,7 +81,7 @@ def child(ns: argparse.Namespace) -> int:
             runtime(pixels)
         serve_rss = current_rss_mib()
     print(json.dumps({"runtime": ns.kind, "precision": ns.precision, "batch": ns.batch, "threads": ns.threads,
-                      "seconds": times, "load_s": load_s, "peak_rss_encoder_mib": encoder_rss,
+                      "seconds": times, "cpu_seconds": cpu_times, "load_s": load_s, "peak_rss_encoder_mib": encoder_rss,
                       "rss_serve_mib": serve_rss}), flush=True)
     return 0
 
@@ -102,10 +103,11 @@ def summarise(kind: str, precision: str, runs: list[dict], batch: int, error: st
     if not runs:
         return {"runtime": kind, "precision": precision, "error": error or "no run"}
     seconds = [t for run in runs for t in run["seconds"]]
+    cpu = [t for run in runs for t in run["cpu_seconds"]]
     return {
         "runtime": kind, "precision": precision, "batch": batch, "rounds": len(runs), "seconds": seconds,
         "ms_per_batch": 1000 * median(seconds), "ms_per_batch_best": 1000 * min(seconds),
-        "frames_per_s": batch / median(seconds),
+        "frames_per_s": batch / median(seconds), "cpu_ms_per_batch": 1000 * median(cpu),
         "peak_rss_encoder_mib": max(run["peak_rss_encoder_mib"] for run in runs),
         "rss_serve_mib": max(run["rss_serve_mib"] for run in runs),
         "load_s": median([run["load_s"] for run in runs]),
@@ -176,17 +178,18 @@ def main() -> int:
         f"with parallel work, torch {info['torch']}, {info['date'][:10]}",
         "",
         "| runtime | precision | ms/batch (median) | ms/batch (best) | frames/s | vs torch bf16 (median / best) | "
-        "peak RSS encoder (MiB) | RSS serving (MiB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "CPU ms/batch (median) | peak RSS encoder (MiB) | RSS serving (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['runtime']} | {r['precision']} | failed | | | | | |")
+            lines.append(f"| {r['runtime']} | {r['precision']} | failed | | | | | | |")
             continue
         lines.append(f"| {r['runtime']} | {r['precision']} | {r['ms_per_batch']:.0f} | {r['ms_per_batch_best']:.0f} | "
                      f"{r['frames_per_s']:.2f} | "
                      f"{r.get('speedup_vs_torch_bf16', float('nan')):.2f}x / "
-                     f"{r.get('speedup_vs_torch_bf16_best', float('nan')):.2f}x | {r['peak_rss_encoder_mib']:.0f} | "
+                     f"{r.get('speedup_vs_torch_bf16_best', float('nan')):.2f}x | {r['cpu_ms_per_batch']:.0f} | "
+                     f"{r['peak_rss_encoder_mib']:.0f} | "
                      f"{r['rss_serve_mib']:.0f} |")
     write_results(ns.name, payload, "\n".join(lines))
     return 0

@@ -155,10 +155,11 @@ def read_manifest(folder: Path, fmt: str | None = None) -> EncoderManifest:
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{path} is not a valid hpad encoder manifest: {exc}") from exc
     if fmt is not None and manifest.format != fmt:
-        raise ExportMismatchError(f"{folder} holds a {manifest.format} export, but the runtime needs {fmt}: export "
-                                  f"with `hpad export --format {fmt}`", field="format")
+        raise ExportMismatchError(f"{folder} holds an export in format {manifest.format}, but the runtime needs "
+                                  f"{fmt}: export with `hpad export --format {fmt}`", field="format")
     for name in manifest.files.values():
-        if not (Path(folder) / name).is_file() or (name.endswith(".xml") and not (Path(folder) / name).with_suffix(".bin").is_file()):
+        model_path = Path(folder) / name
+        if not model_path.is_file() or (model_path.suffix == ".xml" and not model_path.with_suffix(".bin").is_file()):
             raise ConfigError(f"exported encoder in {folder} is incomplete: {name} is missing")
     return manifest
 

@@ -163,7 +163,7 @@ def test_export_of_other_weights_is_refused(exports):
 def test_wrong_format_missing_files_and_old_outputs_are_refused(tiny_backbone, exports, tmp_path):
     from hpad.errors import ConfigError
 
-    with pytest.raises(ExportMismatchError, match="holds a onnx export") as caught:
+    with pytest.raises(ExportMismatchError, match="holds an export in format onnx") as caught:
         load_runtime(RuntimeSpec("openvino", exports["onnxruntime"][0]), tiny_backbone, LAAConfig())
     assert caught.value.field == "format"
     with pytest.raises(ConfigError, match=r"hpad-encoder\.json is missing"):
@@ -227,3 +227,26 @@ def test_cli_export_then_score_on_each_runtime(tiny_backbone, tmp_path, capsys):
     code = main(["score", str(paths[0]), *model, "--laa-radius", "2", "--runtime", "onnxruntime",
                  "--runtime-model", str(tmp_path / "onnx")])
     assert code == 2 and "laa is" in capsys.readouterr().err
+
+
+def test_cli_eval_with_few_shot_memory_on_openvino(tmp_path, capsys):
+    """`hpad eval --shots 2 --runtime openvino`: per-image scores as torch's within 1e-3, runtime recorded."""
+    from hpad.cli import main
+    from tests.synthetic import write_mvtec_category
+
+    write_mvtec_category(tmp_path / "data", "widget", n_train=3, n_test_good=2, n_test_defect=2,
+                         defect_types=("scratch",))
+    model = ["--model", "hpad-tiny", "--random-init", "--device", "cpu"]
+    assert main(["export", "--format", "openvino", "--out", str(tmp_path / "ov"), "--no-check", *model]) == 0
+    scores = {}
+    for runtime in ("torch", "openvino"):
+        extra = ["--runtime", runtime] + (["--runtime-model", str(tmp_path / "ov")] if runtime != "torch" else [])
+        out = tmp_path / runtime
+        assert main(["eval", "--data", str(tmp_path / "data"), "--category", "widget", "--shots", "2", *model,
+                     "--out", str(out), "--overlays", "0", *extra]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["runtime"]["runtime"] == runtime
+        scores[runtime] = {image["path"]: image["pred_score"] for image in metrics["images"]}
+    capsys.readouterr()
+    assert scores["torch"].keys() == scores["openvino"].keys() and len(scores["torch"]) == 4
+    assert max(abs(scores["torch"][k] - scores["openvino"][k]) for k in scores["torch"]) <= SCORE_TOL
