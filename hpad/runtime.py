@@ -88,6 +88,16 @@ class TorchEncoder:
         return {"runtime": self.name, "precision": self.precision, "threads": torch.get_num_threads()}
 
 
+def _require(module: str):
+    """Import an optional runtime package, or say which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(f"runtime needs the Python package {module!r}: pip install 'hpad[export]' ({exc})") from exc
+
+
 def _host_pixels(pixels: torch.Tensor) -> np.ndarray:
     return pixels.detach().to("cpu", torch.float32).contiguous().numpy()
 
@@ -113,8 +123,7 @@ class OnnxRuntimeEncoder:
         if precision == "bf16":
             raise ConfigError("ONNX Runtime's CPU provider has no bf16 path for this model; use "
                               "HPAD_RUNTIME_PRECISION=fp32 or int8, or HPAD_RUNTIME=openvino for bf16")
-        import onnxruntime as ort
-
+        ort = _require("onnxruntime")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -140,8 +149,7 @@ class OpenVinoEncoder:
     name = "openvino"
 
     def __init__(self, path: Path, precision: str = "fp32", threads: int = 0) -> None:
-        import openvino as ov
-
+        ov = _require("openvino")
         core = ov.Core()
         if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
             raise ConfigError("this CPU has no bf16 support in OpenVINO (OPTIMIZATION_CAPABILITIES lacks BF16); "
