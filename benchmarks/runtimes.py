@@ -1,18 +1,19 @@
 """Benchmark the image-encoder runtimes: torch eager fp32 / bf16, ONNX Runtime fp32 / int8, OpenVINO fp32 /
 bf16 / int8, on the image tower with LAA (what `hpad.runtime` runs), one batch of normalised pixels.
 
-Usage: python benchmarks/runtimes.py [--model ViT-B-16-plus-240] [--batch 8] [--repeats 5] [--threads 2]
+Usage: python benchmarks/runtimes.py [--model ViT-B-16-plus-240] [--batch 8] [--repeats 2] [--rounds 5] [--threads 2]
        [--export-dir DIR (reuse exports made by an earlier run)]
 
 Every runtime is measured in its own subprocess (so each peak RSS is that runtime's own): import, load,
 one warm-up batch, then ``--repeats`` timed batches; ``--rounds`` rounds go round-robin over the runtimes
 (the machine is shared: load from other work then hits every runtime alike) and the median and the best of
-all timed batches are reported, with the median CPU time (user + system, all threads) per batch. Two memory figures per row:
-``peak RSS encoder`` (the process's peak with only what that runtime needs to encode: for torch the open_clip
-model as hpad loads it, image and text towers; for exported runtimes the exported image tower alone) and
-``RSS serving`` (resident memory once serving as a `hpad serve` worker does: for exported runtimes the torch
-model is loaded beside them for the text tower and the torch image tower's weights are released,
-`hpad.runtime.release_torch_tower`).
+all timed batches are reported, with the median CPU time (user + system, all threads) per batch.
+Memory: ``peak RSS encoder`` is that process's peak holding only what the runtime needs to encode (torch:
+the open_clip model as hpad loads it, image and text towers; exported runtimes: the exported tower, with torch
+imported). ``serving`` is measured once more per runtime in a process built as a `hpad serve` scorer is
+(`consumers.models.build_scorer`): for exported runtimes the fp32 torch model (text tower, export check), the
+torch image tower released once the export matched (`hpad.runtime.release_torch_tower`), then the runtime;
+its peak RSS and the resident memory after one batch.
 Random weights (pretrained ones cannot be downloaded here): speed does not depend on the weights' values.
 """
 
@@ -69,25 +70,40 @@ def child(ns: argparse.Namespace) -> int:
             runtime(pixels)
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
-    encoder_rss = peak_rss_mib()
-    serve_rss = current_rss_mib()
-    if ns.kind != "torch":  # what hpad serve holds beside the runtime: the torch model for the text tower
-        from hpad.backbone import WeightsSpec, load_backbone
-        from hpad.runtime import release_torch_tower
-
-        backbone = load_backbone(WeightsSpec(model=ns.model, random_init=True), device="cpu")
-        release_torch_tower(backbone)
-        with torch.inference_mode():
-            runtime(pixels)
-        serve_rss = current_rss_mib()
     print(json.dumps({"runtime": ns.kind, "precision": ns.precision, "batch": ns.batch, "threads": ns.threads,
-                      "seconds": times, "cpu_seconds": cpu_times, "load_s": load_s, "peak_rss_encoder_mib": encoder_rss,
-                      "rss_serve_mib": serve_rss}), flush=True)
+                      "seconds": times, "cpu_seconds": cpu_times, "load_s": load_s,
+                      "peak_rss_encoder_mib": peak_rss_mib()}), flush=True)
     return 0
 
 
-def run_child(ns: argparse.Namespace, root: Path, kind: str, precision: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, precision, "--model", ns.model, "--batch", str(ns.batch),
+def serve_child(ns: argparse.Namespace) -> int:
+    """Memory of a `hpad serve` scorer on this runtime, built in the worker's order (`consumers.models`): the
+    torch model (fp32 for exported runtimes), the runtime checked against it, the torch image tower released;
+    then one batch. Prints one JSON line with the peak and the resident memory after the batch."""
+    import numpy as np
+    import torch
+
+    from hpad.attention import LAAConfig
+    from hpad.backbone import WeightsSpec, load_backbone
+    from hpad.runtime import RuntimeSpec, load_runtime
+
+    torch.set_num_threads(ns.threads)
+    exported = ns.kind != "torch"
+    backbone = load_backbone(WeightsSpec(model=ns.model, random_init=True), device="cpu",
+                             precision="fp32" if exported else ns.precision)
+    folder = Path(ns.model_dir) if exported else None
+    runtime = load_runtime(RuntimeSpec(ns.kind, folder, ns.precision if exported else "fp32", ns.threads),
+                           backbone, LAAConfig(), release_tower=exported)
+    pixels = torch.from_numpy(np.random.default_rng(0).standard_normal((ns.batch, 3, *backbone.image_size),
+                                                                       dtype=np.float32)).to(backbone.dtype)
+    with torch.inference_mode():
+        runtime(pixels)
+    print(json.dumps({"peak_rss_serve_mib": peak_rss_mib(), "rss_serve_mib": current_rss_mib()}), flush=True)
+    return 0
+
+
+def run_child(ns: argparse.Namespace, root: Path, kind: str, precision: str, mode: str = "--child") -> dict:
+    cmd = [sys.executable, __file__, mode, kind, precision, "--model", ns.model, "--batch", str(ns.batch),
            "--repeats", str(ns.repeats), "--threads", str(ns.threads)]
     if kind != "torch":
         cmd += ["--model-dir", str(root / FORMAT_OF[kind])]
@@ -109,7 +125,6 @@ def summarise(kind: str, precision: str, runs: list[dict], batch: int, error: st
         "ms_per_batch": 1000 * median(seconds), "ms_per_batch_best": 1000 * min(seconds),
         "frames_per_s": batch / median(seconds), "cpu_ms_per_batch": 1000 * median(cpu),
         "peak_rss_encoder_mib": max(run["peak_rss_encoder_mib"] for run in runs),
-        "rss_serve_mib": max(run["rss_serve_mib"] for run in runs),
         "load_s": median([run["load_s"] for run in runs]),
     }
 
@@ -132,18 +147,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-B-16-plus-240")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3, help="timed batches per round")
-    parser.add_argument("--rounds", type=int, default=3, help="round-robin rounds over the runtimes")
+    parser.add_argument("--repeats", type=int, default=2, help="timed batches per round")
+    parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds over the runtimes")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--export-dir", type=Path, help="reuse (or keep) the exports here")
     parser.add_argument("--only", nargs="*", help="runtime:precision pairs to run (default: all)")
     parser.add_argument("--name", default="runtimes")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve-child", nargs=2, metavar=("KIND", "PRECISION"), help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     ns = parser.parse_args()
-    if ns.child:
-        ns.kind, ns.precision = ns.child
-        return child(ns)
+    if ns.child or ns.serve_child:
+        ns.kind, ns.precision = ns.child or ns.serve_child
+        return child(ns) if ns.child else serve_child(ns)
 
     with tempfile.TemporaryDirectory(prefix="hpad-runtimes-") as tmp:
         root = ns.export_dir or Path(tmp)
@@ -159,9 +175,13 @@ def main() -> int:
                     continue
                 runs[(kind, precision)].append(row)
                 print(f"round {round_index + 1}: {kind} {precision}: {1000 * median(row['seconds']):.0f} ms/batch, "
-                      f"peak RSS {row['peak_rss_encoder_mib']:.0f} MiB (serving {row['rss_serve_mib']:.0f})",
-                      flush=True)
-        rows = [summarise(kind, precision, runs[(kind, precision)], ns.batch, errors.get((kind, precision)))
+                      f"peak RSS {row['peak_rss_encoder_mib']:.0f} MiB", flush=True)
+        serving = {}
+        for kind, precision in configs:  # memory only: once per runtime
+            serving[(kind, precision)] = run_child(ns, root, kind, precision, "--serve-child")
+            print(f"serving {kind} {precision}: {serving[(kind, precision)]}", flush=True)
+        rows = [{**summarise(kind, precision, runs[(kind, precision)], ns.batch, errors.get((kind, precision))),
+                 **{k: v for k, v in serving[(kind, precision)].items() if k != "error"}}
                 for kind, precision in configs]
     info = machine()
     base = next((r for r in rows if r["runtime"] == "torch" and r["precision"] == "bf16" and "error" not in r), None)
@@ -178,19 +198,19 @@ def main() -> int:
         f"with parallel work, torch {info['torch']}, {info['date'][:10]}",
         "",
         "| runtime | precision | ms/batch (median) | ms/batch (best) | frames/s | vs torch bf16 (median / best) | "
-        "CPU ms/batch (median) | peak RSS encoder (MiB) | RSS serving (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "CPU ms/batch (median) | peak RSS encoder (MiB) | peak RSS serving (MiB) | RSS serving (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['runtime']} | {r['precision']} | failed | | | | | | |")
+            lines.append(f"| {r['runtime']} | {r['precision']} | failed | | | | | | | |")
             continue
         lines.append(f"| {r['runtime']} | {r['precision']} | {r['ms_per_batch']:.0f} | {r['ms_per_batch_best']:.0f} | "
                      f"{r['frames_per_s']:.2f} | "
                      f"{r.get('speedup_vs_torch_bf16', float('nan')):.2f}x / "
                      f"{r.get('speedup_vs_torch_bf16_best', float('nan')):.2f}x | {r['cpu_ms_per_batch']:.0f} | "
-                     f"{r['peak_rss_encoder_mib']:.0f} | "
-                     f"{r['rss_serve_mib']:.0f} |")
+                     f"{r['peak_rss_encoder_mib']:.0f} | {r.get('peak_rss_serve_mib', float('nan')):.0f} | "
+                     f"{r.get('rss_serve_mib', float('nan')):.0f} |")
     write_results(ns.name, payload, "\n".join(lines))
     return 0
 

@@ -14,7 +14,7 @@ from consumers.events import ModelInfo
 from consumers.settings import ModelSettings, WorkerSettings
 from hpad.backbone import load_backbone
 from hpad.config import scorer_config, weights_spec
-from hpad.runtime import RuntimeSpec, load_runtime, release_torch_tower
+from hpad.runtime import RuntimeSpec, load_runtime
 from hpad.scorer import Scorer
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,7 @@ def build_scorer(settings: ModelSettings, max_batch: int = 8, runtime: RuntimeSp
     if not exported:
         return Scorer(backbone, config=config)
     assert runtime is not None
-    encoder = load_runtime(runtime, backbone, config.laa)
-    release_torch_tower(backbone)
+    encoder = load_runtime(runtime, backbone, config.laa, release_tower=True)
     log.info("image tower runs on %s", encoder.describe())
     return Scorer(backbone, config=config, runtime=encoder)
 

@@ -183,9 +183,13 @@ def load_exported(spec: RuntimeSpec, manifest: Any, folder: Path) -> ImageEncode
     raise ConfigError(f"runtime {spec.kind} does not run exported models")
 
 
-def load_runtime(spec: RuntimeSpec, backbone: Backbone, laa: LAAConfig) -> ImageEncoderRuntime:
+def load_runtime(spec: RuntimeSpec, backbone: Backbone, laa: LAAConfig, release_tower: bool = False
+                 ) -> ImageEncoderRuntime:
     """The image-encoder runtime of ``spec`` for ``backbone`` with ``laa``; an exported one only after its
-    manifest matched the backbone and the LAA settings (`hpad.export.check_manifest`)."""
+    manifest matched the backbone and the LAA settings (`hpad.export.check_manifest`).
+
+    ``release_tower``: for an exported runtime, free the torch image tower's weights (`release_torch_tower`)
+    between the check and loading the runtime, so the two copies of the tower are never resident together."""
     if spec.kind == "torch":
         return TorchEncoder(LocalityAwareEncoder(backbone.model.visual, laa))
     from hpad.export import check_manifest, read_manifest
@@ -200,6 +204,8 @@ def load_runtime(spec: RuntimeSpec, backbone: Backbone, laa: LAAConfig) -> Image
     folder = Path(spec.model_dir)
     manifest = read_manifest(folder, FORMAT_OF[spec.kind])
     check_manifest(manifest, backbone, laa, folder)
+    if release_tower:
+        release_torch_tower(backbone)
     return load_exported(spec, manifest, folder)
 
 
@@ -208,3 +214,9 @@ def release_torch_tower(backbone: Backbone) -> None:
     the text tower stays for zero-shot prompts. The scorer's torch encoder (`Scorer.encoder`) and anything
     that runs it (OAGM region proposals in training) cannot be used afterwards."""
     backbone.model.visual.to("meta")
+    try:  # glibc keeps freed heap pages resident until trimmed (the tower's tensors may live on the heap)
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
