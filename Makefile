@@ -59,6 +59,10 @@ bench-soak: $(STAMP)
 bench-host: $(STAMP)
 	$(PY) benchmarks/host.py
 
+.PHONY: bench-runtimes
+bench-runtimes: $(STAMP)
+	$(PY) benchmarks/runtimes.py
+
 # promtool (Prometheus rules checks of the deploy tests): the one on PATH, else extracted from Debian's
 # `prometheus` package into the venv: `apt-get download` needs no root, `dpkg -x` unpacks without installing.
 $(PROMTOOL): | $(STAMP)

@@ -18,7 +18,7 @@ from kafka.errors import KafkaError
 
 from consumers import kafka_io
 from consumers.metrics import Health, WorkerMetrics
-from consumers.models import build_scorer, model_info
+from consumers.models import build_scorer, model_info, runtime_spec
 from consumers.prompt_provider import KafkaPromptProvider, PromptProvider, StaticPromptProvider
 from consumers.service import Telemetry, run_main
 from consumers.settings import WorkerSettings, parse_service_args, prompts_consumer_kwargs
@@ -31,7 +31,7 @@ log = logging.getLogger("hpad.serve")
 
 def build_worker(settings: WorkerSettings, metrics: WorkerMetrics | None = None,
                  health: Health | None = None) -> Worker:
-    scorer = build_scorer(settings, settings.max_batch_size)
+    scorer = build_scorer(settings, settings.max_batch_size, runtime_spec(settings))
     if settings.gpu_decode and scorer.backbone.device.type != "cuda":
         raise ConfigError(f"HPAD_GPU_DECODE=true decodes JPEGs with nvJPEG on the scorer's GPU, but the scorer "
                           f"runs on {scorer.backbone.device}; set HPAD_DEVICE=cuda or HPAD_GPU_DECODE=false")

@@ -35,6 +35,8 @@ MaskPolicy = Literal["anomalous", "always", "never"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Compression = Literal["none", "gzip"]
 DecodeScale = Literal["auto", "full"]
+Runtime = Literal["torch", "onnxruntime", "openvino"]
+RuntimePrecision = Literal["fp32", "bf16", "int8"]
 
 
 def split_csv(value: object) -> object:
@@ -220,6 +222,17 @@ class WorkerSettings(ModelSettings):
         False, description="with the scorer on CUDA, decode JPEG batches on the GPU (nvJPEG) instead of the CPU")
     workers: int = Field(1, ge=1, le=16, description="worker processes in this container, each its own "
                          "consumer-group member (several share one GPU)")
+    # image-tower runtime (hpad.runtime)
+    runtime: Runtime = Field(
+        "torch", description="what runs the image tower: torch (eager), onnxruntime or openvino (CPU, an "
+        "`hpad export` folder in HPAD_RUNTIME_MODEL)")
+    runtime_model: Path | None = Field(
+        None, description="folder made by `hpad export --format onnx|openvino` (its manifest must match the model, "
+        "weights and LAA settings)")
+    runtime_precision: RuntimePrecision = Field(
+        "fp32", description="precision of an exported runtime: fp32, bf16 (openvino) or int8 (an export made with "
+        "--int8); torch uses HPAD_PRECISION")
+    runtime_threads: int = Field(0, ge=0, le=256, description="intra-op threads of an exported runtime (0 = its default)")
     # limits
     max_payload_bytes: int = Field(16 * MiB, ge=1024, description="frames larger than this go to the DLQ")
     max_pixels: int = Field(40_000_000, ge=1, description="frames with more pixels (from the image header) go to the DLQ")
@@ -280,6 +293,19 @@ class WorkerSettings(ModelSettings):
             raise ValueError("HPAD_RETRY_BACKOFF_MAX_MS must be >= HPAD_RETRY_BACKOFF_MS")
         if self.min_side > self.max_side:
             raise ValueError("HPAD_MIN_SIDE must be <= HPAD_MAX_SIDE")
+        if self.runtime != "torch":
+            if self.runtime_model is None:
+                raise ValueError(f"HPAD_RUNTIME={self.runtime} needs HPAD_RUNTIME_MODEL (a folder made by hpad export)")
+            if self.device not in ("auto", "cpu") or self.gpu_decode:
+                raise ValueError(f"HPAD_RUNTIME={self.runtime} runs on the CPU: set HPAD_DEVICE=cpu (or auto) and "
+                                 "HPAD_GPU_DECODE=false")
+            if self.precision != "fp32":
+                raise ValueError(f"with HPAD_RUNTIME={self.runtime} set HPAD_PRECISION=fp32 (the torch text tower and "
+                                 "the export check) and choose the image tower's with HPAD_RUNTIME_PRECISION")
+            if self.runtime == "onnxruntime" and self.runtime_precision == "bf16":
+                raise ValueError("HPAD_RUNTIME=onnxruntime has no bf16 on the CPU: HPAD_RUNTIME_PRECISION=fp32 or int8")
+        elif self.runtime_precision == "int8":
+            raise ValueError("HPAD_RUNTIME_PRECISION=int8 needs HPAD_RUNTIME=onnxruntime or openvino")
         topics = [t for t in (self.input_topic, self.events_topic, self.dlq_topic, self.prompts_topic,
                               self.normals_topic) if t]
         if len(set(topics)) != len(topics):

@@ -44,7 +44,7 @@ what they were learned with; a scorer running the new defaults refuses them nami
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -183,6 +183,38 @@ def default_memory_blocks(depth: int) -> tuple[int, ...]:
 
 
 MEMORY_PATHS = ("laa", "vanilla")
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Everything that decides what the image tower computes: the LAA settings and the memory taps. A scorer's
+    `LocalityAwareEncoder` is ``spec.build(visual)``; an export (`hpad.export`) records the spec in its
+    manifest and is served only by a scorer with the same one."""
+
+    laa: LAAConfig = field(default_factory=LAAConfig)
+    memory_blocks: tuple[int, ...] = ()  # block numbers from 1; () = the memory matches the projected patches
+    memory_path: str = "laa"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "memory_blocks", tuple(sorted({int(b) for b in self.memory_blocks})))
+        if self.memory_path not in MEMORY_PATHS:
+            raise ConfigError(f"memory path must be one of {', '.join(MEMORY_PATHS)}, got {self.memory_path!r}")
+
+    @classmethod
+    def for_visual(cls, visual: torch.nn.Module, laa: LAAConfig | None = None,
+                   memory_blocks: tuple[int, ...] | None = None, memory_path: str = "laa") -> EncoderSpec:
+        """The spec a `Scorer` with these options builds (``memory_blocks=None``: `default_memory_blocks`)."""
+        depth = len(visual.transformer.resblocks)
+        blocks = default_memory_blocks(depth) if memory_blocks is None else tuple(memory_blocks)
+        return cls(laa or LAAConfig(), blocks, memory_path)
+
+    @property
+    def outputs(self) -> list[str]:
+        """The `ImageTokens` fields this encoder fills (``memory`` only with tapped blocks)."""
+        return [name for name in ImageTokens._fields if name != "memory" or self.memory_blocks]
+
+    def build(self, visual: torch.nn.Module) -> LocalityAwareEncoder:
+        return LocalityAwareEncoder(visual, self.laa, self.memory_blocks, self.memory_path)
 
 
 class LocalityAwareEncoder(torch.nn.Module):

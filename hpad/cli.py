@@ -1,6 +1,6 @@
 """The ``hpad`` command line: one command table.
 
-Library commands (``score``, ``eval``, ``train``, ``weights``, ``oagm``) are listed in `LIBRARY_COMMANDS`.
+Library commands (``score``, ``eval``, ``train``, ``weights``, ``export``, ``oagm``) are listed in `LIBRARY_COMMANDS`.
 Service commands (``serve``, ``camera``, ``tune``, ``prompts``) are declared by the services themselves as
 Python entry points of the group ``hpad.commands`` (see pyproject.toml) and discovered here with
 `importlib.metadata`, so the library never names or imports Kafka or settings code; they need the
@@ -39,6 +39,8 @@ LIBRARY_COMMANDS: dict[str, Command] = {
                      "learn human-free prompts from k normal images (OAGM + MPTS) -> artifact"),
     "weights": Command("hpad.commands:weights_main",
                        "fetch CLIP weights into a cache dir (run where internet is allowed)"),
+    "export": Command("hpad.export_cli:export_main",
+                      "export the image tower with LAA (ONNX / OpenVINO IR) + manifest for the CPU runtimes"),
     "oagm": Command("hpad.oagm_cli:oagm_main",
                     "preview OAGM object masks and synthetic anomalies as a PNG contact sheet"),
 }

@@ -16,6 +16,7 @@ from hpad import config as model_config
 from hpad.attention import LAAConfig
 from hpad.backbone import Backbone, WeightsSpec, load_backbone
 from hpad.defaults import DEFAULT_MODEL
+from hpad.export_cli import add_runtime_args, scorer_with_runtime
 from hpad.scorer import Scorer, ScorerConfig
 
 
@@ -103,10 +104,11 @@ def score_main(argv: Sequence[str]) -> int:
     parser.add_argument("--mask-out", type=Path, help="write <stem>_mask.png (binary) and <stem>_map.png here")
     add_model_args(parser)
     add_tiling_args(parser)
+    add_runtime_args(parser)
     ns = parser.parse_args(list(argv))
     policy = tiling_policy(ns)
     backbone = backbone_from_args(ns)
-    scorer = Scorer(backbone, config=scorer_config(ns))
+    scorer = scorer_with_runtime(backbone, scorer_config(ns), ns)
     prompts = load_prompts_or_zero_shot(scorer, ns.prompts, ns.category)
     if ns.mask_out:
         ns.mask_out.mkdir(parents=True, exist_ok=True)
@@ -125,6 +127,7 @@ def score_main(argv: Sequence[str]) -> int:
                 "prompts": prompts.label(),
                 "model": backbone.identity,
                 "weights": backbone.weights_label,
+                "runtime": scorer.runtime.name,
             }
             if ns.mask_out:
                 mask_path = ns.mask_out / f"{path.stem}_mask.png"
@@ -183,10 +186,11 @@ def eval_main(argv: Sequence[str]) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--overlays", type=int, default=8, help="overlay PNGs of the worst-scored images")
     add_model_args(parser)
+    add_runtime_args(parser)
     ns = parser.parse_args(list(argv))
     data = load_category(ns.data, ns.category)
     backbone = backbone_from_args(ns)
-    scorer = Scorer(backbone, config=scorer_config(ns))
+    scorer = scorer_with_runtime(backbone, scorer_config(ns), ns)
     prompts = load_prompts_or_zero_shot(scorer, ns.prompts, ns.category)
     shots: list[Path] = []
     if ns.shots > 0:
@@ -195,7 +199,7 @@ def eval_main(argv: Sequence[str]) -> int:
     with tqdm(total=len(data.test), desc=f"eval {ns.category}", unit="img", disable=None) as bar:
         report = run_evaluation(scorer, data, prompts, ns.batch_size, progress=bar.update)
     report.info.update({"shots": ns.shots, "shot_images": [str(p) for p in shots], "seed": ns.seed,
-                        "data": str(ns.data)})
+                        "data": str(ns.data), "runtime": scorer.runtime.describe()})
     write_report(report, ns.out, ns.overlays)
     print(markdown_table(report))
     print(f"wrote {ns.out / 'metrics.json'}, {ns.out / 'metrics.md'} and {ns.out / 'overlays'}", file=sys.stderr)

@@ -33,17 +33,17 @@ import torch
 import torch.nn.functional as F
 
 from hpad.attention import (
+    EncoderSpec,
     ImageTokens,
     LAAConfig,
-    LocalityAwareEncoder,
     config_differences,
-    default_memory_blocks,
 )
 from hpad.backbone import MAX_LOGIT_SCALE, Backbone
 from hpad.errors import ConfigError, FrameError
 from hpad.frames import check_frame
 from hpad.masks import PackedMask
 from hpad.prompts import ANOMALOUS, PromptSet, zero_shot_prompt_set
+from hpad.runtime import ImageEncoderRuntime, TorchEncoder
 
 FUSIONS = ("harmonic", "normalized", "linear")
 
@@ -320,17 +320,25 @@ class ScoredBatch:
 # ----------------------------------------------------------------------------------------------- scorer
 
 
+def encoder_spec(backbone: Backbone, config: ScorerConfig) -> EncoderSpec:
+    """What the image tower of a `Scorer` with ``config`` computes (LAA and memory taps): the spec an exported
+    runtime must have been made for (`hpad.export`)."""
+    return EncoderSpec.for_visual(backbone.model.visual, config.laa, config.memory_blocks, config.memory_path)
+
+
 class Scorer:
     """Frozen CLIP + LAA. Thread-compatible: one scoring call at a time per instance."""
 
-    def __init__(self, backbone: Backbone, prompts: PromptSet | None = None, config: ScorerConfig | None = None):
+    def __init__(self, backbone: Backbone, prompts: PromptSet | None = None, config: ScorerConfig | None = None,
+                 runtime: ImageEncoderRuntime | None = None):
         self.backbone = backbone
         self.config = config or ScorerConfig()
         visual = backbone.model.visual
-        depth = len(visual.transformer.resblocks)
-        blocks = self.config.memory_blocks
-        self.memory_blocks = default_memory_blocks(depth) if blocks is None else tuple(blocks)
-        self.encoder = LocalityAwareEncoder(visual, self.config.laa, self.memory_blocks, self.config.memory_path)
+        self.encoder_spec = encoder_spec(backbone, self.config)
+        self.memory_blocks = self.encoder_spec.memory_blocks
+        self.encoder = self.encoder_spec.build(visual)
+        # what runs the image tower in `encode` (`hpad.runtime`): torch eager unless an exported one is given
+        self.runtime: ImageEncoderRuntime = runtime if runtime is not None else TorchEncoder(self.encoder)
         self.memory_dim = (len(self.memory_blocks) * int(visual.transformer.width) if self.memory_blocks
                            else int(backbone.embed_dim))
         self.model_logit_scale = min(float(backbone.logit_scale), MAX_LOGIT_SCALE)
@@ -436,13 +444,12 @@ class Scorer:
 
     @torch.inference_mode()
     def encode(self, frames: Sequence[np.ndarray | torch.Tensor]) -> ImageTokens:
-        """Frames -> tokens (float32): cls [B, D], patches [B, N, D], memory features [B, N, F] (or None).
-        Chunked by ``max_batch``."""
+        """Frames -> tokens (float32): cls [B, D], patches [B, N, D], memory features [B, N, F] (or None),
+        run by ``self.runtime`` (torch eager, ONNX Runtime or OpenVINO). Chunked by ``max_batch``."""
         parts: list[ImageTokens] = []
         for start in range(0, len(frames), self.config.max_batch):
-            tokens = self.encoder(self.preprocess(frames[start : start + self.config.max_batch]))
-            parts.append(ImageTokens(tokens.cls.float(), tokens.patches.float(),
-                                     None if tokens.memory is None else tokens.memory.float()))
+            tokens = self.runtime(self.preprocess(frames[start : start + self.config.max_batch]))
+            parts.append(ImageTokens(*(None if value is None else value.float() for value in tokens)))
         return concat_tokens(parts)
 
     def memory_features(self, tokens: ImageTokens) -> torch.Tensor:
