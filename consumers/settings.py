@@ -399,8 +399,10 @@ def connection_kwargs(s: KafkaSettings) -> dict[str, Any]:
     }
 
 
-def consumer_kwargs(s: WorkerSettings) -> dict[str, Any]:
-    """KafkaConsumer options of the worker: manual commits, group timings, read_committed under exactly_once."""
+def group_consumer_kwargs(s: Any, max_poll_records: int) -> dict[str, Any]:
+    """KafkaConsumer options of a group member that commits by hand: the connection, group timings, and
+    read_committed under exactly_once. ``s``: a settings class with the group fields (`KafkaSettings` plus
+    group_id, auto_offset_reset, session/heartbeat/max-poll timings, exactly_once)."""
     return {
         **connection_kwargs(s),
         "group_id": s.group_id,
@@ -409,11 +411,18 @@ def consumer_kwargs(s: WorkerSettings) -> dict[str, Any]:
         "session_timeout_ms": s.session_timeout_ms,
         "heartbeat_interval_ms": s.heartbeat_interval_ms,
         "max_poll_interval_ms": s.max_poll_interval_ms,
-        "max_poll_records": s.max_batch_size,
+        "max_poll_records": max_poll_records,
+        "isolation_level": "read_committed" if s.exactly_once else "read_uncommitted",
+    }
+
+
+def consumer_kwargs(s: WorkerSettings) -> dict[str, Any]:
+    """KafkaConsumer options of the worker: manual commits, group timings, read_committed under exactly_once."""
+    return {
+        **group_consumer_kwargs(s, s.max_batch_size),
         "max_partition_fetch_bytes": s.max_partition_fetch_bytes,
         "fetch_max_wait_ms": s.fetch_max_wait_ms,
         "fetch_max_bytes": max(52428800, s.max_partition_fetch_bytes),
-        "isolation_level": "read_committed" if s.exactly_once else "read_uncommitted",
     }
 
 

@@ -13,7 +13,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from consumers.alerts.notify import AlertStyle
 from consumers.alerts.rules import DebounceRule
-from consumers.settings import KafkaSettings, connection_kwargs
+from consumers.settings import KafkaSettings, group_consumer_kwargs
 
 
 class AlertsSettings(KafkaSettings):
@@ -113,14 +113,4 @@ class AlertsSettings(KafkaSettings):
 
 def alerts_consumer_kwargs(s: AlertsSettings) -> dict[str, Any]:
     """KafkaConsumer options: manual commits, read_committed when the scorers write transactionally."""
-    return {
-        **connection_kwargs(s),
-        "group_id": s.group_id,
-        "enable_auto_commit": False,
-        "auto_offset_reset": s.auto_offset_reset,
-        "session_timeout_ms": s.session_timeout_ms,
-        "heartbeat_interval_ms": s.heartbeat_interval_ms,
-        "max_poll_interval_ms": s.max_poll_interval_ms,
-        "max_poll_records": 500,
-        "isolation_level": "read_committed" if s.exactly_once else "read_uncommitted",
-    }
+    return group_consumer_kwargs(s, 500)

@@ -85,6 +85,17 @@ class ManagedProgram:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    @classmethod
+    def ready(cls, args: list[str], log_path: Path, url: str, timeout_s: float, what: str) -> ManagedProgram:
+        """Start ``args`` and wait until ``url``/-/ready answers 200 (stopped again if it never does)."""
+        started = cls(args, log_path)
+        try:
+            wait_until(lambda: urllib.request.urlopen(f"{url}/-/ready", timeout=2).status == 200, timeout_s, what)
+        except BaseException:
+            started.stop()
+            raise
+        return started
+
 
 class Alertmanager:
     """``prometheus-alertmanager`` on 127.0.0.1; ``notify_url`` gets its webhook notifications (send_resolved)."""
@@ -106,13 +117,7 @@ class Alertmanager:
         args = [program("prometheus-alertmanager", "alertmanager"), f"--config.file={self.root / 'alertmanager.yml'}",
                 f"--storage.path={self.root / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}",
                 "--cluster.listen-address="]
-        self.program = ManagedProgram(args, self.root / "alertmanager.log")
-        try:
-            wait_until(lambda: urllib.request.urlopen(f"{self.url}/-/ready", timeout=2).status == 200, 30,
-                       "Alertmanager ready")
-        except BaseException:
-            self.program.stop()
-            raise
+        self.program = ManagedProgram.ready(args, self.root / "alertmanager.log", self.url, 30, "Alertmanager ready")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -146,13 +151,7 @@ class Prometheus:
         args = [program("prometheus"), f"--config.file={self.root / 'prometheus.yml'}",
                 f"--storage.tsdb.path={self.root / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}",
                 "--rules.alert.resend-delay=1s"]
-        self.program = ManagedProgram(args, self.root / "prometheus.log")
-        try:
-            wait_until(lambda: urllib.request.urlopen(f"{self.url}/-/ready", timeout=2).status == 200, 60,
-                       "Prometheus ready")
-        except BaseException:
-            self.program.stop()
-            raise
+        self.program = ManagedProgram.ready(args, self.root / "prometheus.log", self.url, 60, "Prometheus ready")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -301,3 +300,14 @@ class AlertsProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    @classmethod
+    def ready(cls, args: list[str], log_path: Path, url: str, timeout_s: float, what: str) -> ManagedProgram:
+        """Start ``args`` and wait until ``url``/-/ready answers 200 (stopped again if it never does)."""
+        started = cls(args, log_path)
+        try:
+            wait_until(lambda: urllib.request.urlopen(f"{url}/-/ready", timeout=2).status == 200, timeout_s, what)
+        except BaseException:
+            started.stop()
+            raise
+        return started
