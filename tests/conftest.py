@@ -75,6 +75,23 @@ def kafka(broker):
     return KafkaTools(broker)
 
 
+@pytest.fixture(autouse=True)
+def no_leaked_hpad_env():
+    """A test that sets HPAD_* in os.environ without monkeypatch leaks it into every later test and into the
+    processes they start (hpad serve would then read it): fail that test, and put the environment back."""
+    import os
+
+    before = {k: v for k, v in os.environ.items() if k.startswith("HPAD_")}
+    yield
+    after = {k: v for k, v in os.environ.items() if k.startswith("HPAD_")}
+    if after != before:
+        for name in set(after) - set(before):
+            del os.environ[name]
+        os.environ.update(before)
+        pytest.fail(f"the test left HPAD_* variables changed in os.environ: {sorted(set(after) ^ set(before))}; "
+                    "use monkeypatch.setenv")
+
+
 @pytest.fixture
 def clean_hpad_env(monkeypatch, tmp_path):
     """Remove every HPAD_* variable and run in an empty folder (no .env) so settings see only what a test sets."""

@@ -124,7 +124,7 @@ def test_hpad_serve_process_on_openvino_scores_every_frame_once(kafka_broker, ti
     assert np.abs(expected - got).max() <= 1e-3
 
 
-def test_runtime_settings_are_validated(clean_hpad_env):
+def test_runtime_settings_are_validated(clean_hpad_env, monkeypatch):
     base = {"model": "hpad-tiny", "random_init": True}
     with pytest.raises(ConfigError, match="HPAD_RUNTIME_MODEL"):
         load_settings(WorkerSettings, {**base, "runtime": "openvino"})
@@ -137,8 +137,8 @@ def test_runtime_settings_are_validated(clean_hpad_env):
                                        "runtime_precision": "bf16"})
     with pytest.raises(ConfigError, match="int8 needs"):
         load_settings(WorkerSettings, {**base, "runtime_precision": "int8"})
-    os.environ["HPAD_RUNTIME"] = "openvino"  # clean_hpad_env removes it again
-    os.environ["HPAD_RUNTIME_MODEL"] = "/models/encoder"
+    monkeypatch.setenv("HPAD_RUNTIME", "openvino")  # undone after the test (later subprocesses inherit os.environ)
+    monkeypatch.setenv("HPAD_RUNTIME_MODEL", "/models/encoder")
     settings = load_settings(WorkerSettings, {**base, "runtime_precision": "bf16", "runtime_threads": 2})
     assert runtime_spec(settings) == RuntimeSpec("openvino", settings.runtime_model, "bf16", 2)
 
