@@ -107,15 +107,20 @@ class MetadataWatch:
     and rejoins only once a later refresh shows the partitions: by default ``metadata_max_age_ms`` (5 minutes)
     later. `check`, called from the poll loop, asks for a refresh (at most every ``interval_s``) while the
     member owns no partition and its cache has none for a subscribed topic; kafka-python's coordinator then
-    sees its metadata snapshot change and rejoins by itself. A member left without partitions in an
-    over-provisioned group (the cache knows the partitions) costs nothing.
+    sees its metadata snapshot change and rejoins. That does not always happen (seen with kafka-python 3.0.12
+    on Apache Kafka: the partitions arrived, the member stayed without them), so when a topic this member saw
+    missing shows up while it still owns nothing, the watch also asks the coordinator to rejoin, once per
+    appearance. A member left without partitions in an over-provisioned group (its cache knew the partitions
+    all along) costs nothing.
     """
 
     def __init__(self, consumer: KafkaConsumer, topics: list[str], interval_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.consumer, self.topics, self.interval_s, self.clock = consumer, list(topics), interval_s, clock
         self.requests = 0  # metadata refreshes asked for so far
+        self.rejoins = 0  # rebalances asked for because a missing topic appeared
         self._last: float | None = None
+        self._seen_missing = False
 
     def missing(self) -> list[str]:
         """Subscribed topics whose partitions kafka-python's metadata cache does not know (no network)."""
@@ -125,10 +130,18 @@ class MetadataWatch:
     def check(self) -> bool:
         """Ask for a metadata refresh when this member owns nothing for want of metadata; True if it asked."""
         if self.consumer.assignment():
-            self._last = None
+            self._last, self._seen_missing = None, False
             return False
         missing = self.missing()
         now = self.clock()
+        if not missing and self._seen_missing:  # the metadata came, the partitions did not: rebalance
+            self._seen_missing = False
+            self.rejoins += 1
+            log.info("partition metadata for %s arrived while this member owns nothing; asking the group to "
+                     "rebalance", ", ".join(self.topics))
+            self.consumer._coordinator.request_rejoin()  # kafka-python's coordinator: sets its rejoin flag
+            return False
+        self._seen_missing = self._seen_missing or bool(missing)
         if not missing or (self._last is not None and now - self._last < self.interval_s):
             return False
         if self._last is None:
