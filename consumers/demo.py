@@ -336,7 +336,9 @@ class Demo:
             for name, partitions in (("frames", 3), ("events", 3), ("dlq", 1), ("normals", 1), ("prompts", 1)):
                 broker.create_topic(TOPICS[name], partitions)
             data = self.data_dir()
-            self.truth_by_index = ground_truth(data)
+            # good/defective per frame is known only for the folder camera (its frame ids carry the image's
+            # index); a stream's frames (--source) are not mapped back to images
+            self.truth_by_index = ground_truth(data) if self.ns.source is None else []
             self.plan(broker, data)
             print(f"broker {broker.bootstrap}; logs in {self.workdir}; frames from {data}")
             print(f"worker metrics: http://127.0.0.1:{self.metrics_port}/metrics  (also /healthz, /readyz)")
@@ -435,6 +437,8 @@ class Demo:
             print(f"prompt versions in events: {versions or '-'} (v0 = zero-shot); swaps: {swaps}")
         for line in truth_lines(s.truth):
             print(line)
+        if self.ns.source is not None:
+            print("good/defective split: only with the folder camera (a stream's frames are not mapped back to images)")
         if latencies:
             print(f"end-to-end latency (camera capture -> event read): p50 {statistics.median(latencies):.0f} ms, "
                   f"p99 {s.percentile(0.99):.0f} ms")
