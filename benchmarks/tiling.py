@@ -42,15 +42,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cv2
 import numpy as np
 import torch
-from kafka import KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 
 from benchmarks.common import machine, median, read_records, write_results
+from benchmarks.host import TimedWorker
 from consumers.broker import EmbeddedBroker
 from consumers.camera import frame_headers
 from consumers.models import model_info
 from consumers.prompt_provider import StaticPromptProvider
 from consumers.settings import WorkerSettings
-from consumers.worker import Worker
 from hpad.backbone import WeightsSpec, load_backbone
 from hpad.metrics import aupro, pixel_auroc
 from hpad.scorer import Scorer, ScorerConfig
@@ -65,18 +65,6 @@ BATCH = 16  # HPAD_MAX_BATCH_SIZE: model images (tiles) per batch
 JPEG_QUALITY = 90
 FAST_GROUP = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 500}
 log = logging.getLogger("bench.tiling")
-
-
-class TimedWorker(Worker):
-    """Remembers when the first partitions were assigned (the group join is over)."""
-
-    assigned_at: float | None = None
-    assigned_cpu: float | None = None
-
-    def assigned(self, assigned: set[TopicPartition]) -> None:
-        if self.assigned_at is None and assigned:
-            self.assigned_at, self.assigned_cpu = time.monotonic(), time.process_time()
-        super().assigned(assigned)
 
 
 def jpeg_frames(size: tuple[int, int], distinct: int, seed: int) -> list[bytes]:

@@ -300,14 +300,3 @@ class AlertsProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
-
-    @classmethod
-    def ready(cls, args: list[str], log_path: Path, url: str, timeout_s: float, what: str) -> ManagedProgram:
-        """Start ``args`` and wait until ``url``/-/ready answers 200 (stopped again if it never does)."""
-        started = cls(args, log_path)
-        try:
-            wait_until(lambda: urllib.request.urlopen(f"{url}/-/ready", timeout=2).status == 200, timeout_s, what)
-        except BaseException:
-            started.stop()
-            raise
-        return started
