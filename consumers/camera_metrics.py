@@ -14,15 +14,15 @@ import threading
 import time
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from consumers.metrics import Health, families
+from consumers.metrics import Health, MetricSet
 
 SKIP_REASONS = ("every_n", "rate", "change")
 FAILURE_REASONS = ("encode", "broker")
 
 
-class CameraMetrics:
+class CameraMetrics(MetricSet):
     """Every metric of one camera process, on its own registry."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -77,12 +77,6 @@ class CameraMetrics:
 
     def age(self, camera: str) -> float:
         return time.time() - self._last.get(camera, self._started)
-
-    def families(self) -> list[tuple[str, str, tuple[str, ...], str]]:
-        return families(self)
-
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
 
 
 class CameraHealth(Health):

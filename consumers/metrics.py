@@ -31,7 +31,20 @@ PROMPT_REJECT_REASONS = ("invalid", "wrong_model", "wrong_laa", "not_newer", "un
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
-class WorkerMetrics:
+class MetricSet:
+    """One process's metrics: prometheus_client metrics as attributes, registered in ``self.registry``."""
+
+    registry: CollectorRegistry
+
+    def families(self) -> list[tuple[str, str, tuple[str, ...], str]]:
+        """(exposed name, type, label names, help) of every metric, sorted by name."""
+        return families(self)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class WorkerMetrics(MetricSet):
     """Every metric of one worker, on its own registry (several workers can live in one test process)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -83,10 +96,6 @@ class WorkerMetrics:
         self._prompt_labels: dict[str, tuple[str, str]] = {}
         self._lag_labels: set[tuple[str, str]] = set()
 
-    def families(self) -> list[tuple[str, str, tuple[str, ...], str]]:
-        """(exposed name, type, label names, help) of every metric, sorted by name."""
-        return families(self)
-
     def set_prompt(self, category: str, version: int, source: str) -> None:
         old = self._prompt_labels.get(category)
         if old is not None and old != (str(version), source):
@@ -106,9 +115,6 @@ class WorkerMetrics:
         for (topic, partition), value in lags.items():
             self.lag.labels(topic=topic, partition=str(partition)).set(value)
         self._lag_labels = current
-
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
 
 
 def families(holder: object) -> list[tuple[str, str, tuple[str, ...], str]]:

@@ -8,9 +8,9 @@ ids in labels.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from consumers.metrics import families
+from consumers.metrics import MetricSet
 from consumers.metrics import metric_names as _metric_names
 from consumers.metrics import sample_names as _sample_names
 
@@ -20,7 +20,7 @@ SAMPLE_DROP_REASONS = ("undecodable", "unknown_category", "bad_header", "too_lar
 FEEDBACK_VERDICTS = ("false_alarm", "real_defect")
 
 
-class TunerMetrics:
+class TunerMetrics(MetricSet):
     """Every metric of one tuner process."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -59,12 +59,6 @@ class TunerMetrics:
                                    "the per-operator cap, by verdict", ["category", "verdict"], registry=r)
         for reason in SAMPLE_DROP_REASONS:
             self.dropped.labels(reason=reason)
-
-    def families(self) -> list[tuple[str, str, tuple[str, ...], str]]:
-        return families(self)
-
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
 
 
 def metric_names() -> list[str]:

@@ -6,9 +6,9 @@ frame ids in labels (open episodes are counted per category).
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from consumers.metrics import STAGE_BUCKETS, families
+from consumers.metrics import STAGE_BUCKETS, MetricSet
 
 SINKS = ("alertmanager", "webhook")
 STATUSES = ("firing", "resolved")
@@ -16,7 +16,7 @@ EVENT_RESULTS = ("live", "replayed", "invalid")
 DEAD_LETTER_REASONS = ("webhook_failed", "webhook_rejected", "invalid_event")
 
 
-class AlertsMetrics:
+class AlertsMetrics(MetricSet):
     """Every metric of one ``hpad alerts`` process."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -54,9 +54,3 @@ class AlertsMetrics:
             self.dead_letters.labels(reason=reason)
         for result in ("ok", "failed"):
             self.commits.labels(result=result)
-
-    def families(self) -> list[tuple[str, str, tuple[str, ...], str]]:
-        return families(self)
-
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)

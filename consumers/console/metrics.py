@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from consumers.console.feedback import VERDICTS
 from consumers.console.store import DROP_REASONS
-from consumers.metrics import families
+from consumers.metrics import MetricSet
 
 FEEDBACK_REFUSALS = ("read_only", "bad_token", "unknown_frame", "unscored", "bad_request", "kafka_error")
 
 
-class ConsoleMetrics:
+class ConsoleMetrics(MetricSet):
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
         self.records = Counter("hpad_console_records", "Records read, by topic kind (frames, events)", ["kind"],
@@ -38,9 +38,3 @@ class ConsoleMetrics:
             self.refused.labels(reason=reason)
         for kind in ("frames", "events"):
             self.records.labels(kind=kind)
-
-    def families(self) -> list[tuple[str, str, tuple[str, ...], str]]:
-        return families(self)
-
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
