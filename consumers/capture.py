@@ -20,7 +20,6 @@ however fast it is read) and on the monotonic clock for the rest; it restarts wi
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections import deque
@@ -34,6 +33,7 @@ import numpy as np
 
 from consumers.camera_metrics import SKIP_REASONS, CameraHealth, CameraMetrics
 from consumers.cameras_file import CameraSpec
+from consumers.kafka_io import Backoff
 from consumers.sources import Captured, FrameSource, SourceKind
 
 log = logging.getLogger("hpad.camera")
@@ -95,23 +95,6 @@ class ChangeGate:
         return True
 
 
-class ReconnectBackoff:
-    """Capped exponential backoff with jitter: ``first * 2**attempt`` up to ``cap``, times 1 +/- ``jitter``."""
-
-    def __init__(self, first_s: float, cap_s: float, jitter: float = 0.2, rng: random.Random | None = None) -> None:
-        self.first_s, self.cap_s, self.jitter = first_s, cap_s, jitter
-        self.rng = rng or random.Random()
-        self.attempt = 0
-
-    def next_delay(self) -> float:
-        delay = min(self.cap_s, self.first_s * (2 ** min(self.attempt, 30)))
-        self.attempt += 1
-        return max(0.0, delay * (1 + self.jitter * self.rng.uniform(-1.0, 1.0)))
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
 @dataclass(frozen=True)
 class CaptureOptions:
     """Process-wide knobs of every capture loop (from CameraSettings)."""
@@ -154,8 +137,8 @@ class CaptureLoop:
         self.kind = source.kind
         self.rate = RateGate(spec.fps if self.kind is not SourceKind.FOLDER else None)
         self.change = ChangeGate(spec.change_threshold)
-        self.backoff = ReconnectBackoff(options.reconnect_backoff_s, options.reconnect_backoff_max_s,
-                                        options.reconnect_jitter)
+        self.backoff = Backoff(options.reconnect_backoff_s, options.reconnect_backoff_max_s,
+                               options.reconnect_jitter)
         self.pending: deque[Any] = deque()  # consumers.camera.PendingFrame
         self.extra_headers = spec.extra_headers()
         self.stream_time = self.kind in (SourceKind.FILE, SourceKind.RTSP)

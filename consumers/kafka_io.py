@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import socket
 import ssl
 import struct
@@ -33,16 +34,20 @@ T = TypeVar("T")
 
 
 class Backoff:
-    """Capped exponential backoff: first, 2x first, 4x first... up to ``cap`` seconds."""
+    """Capped exponential backoff: first, 2x first, 4x first... up to ``cap`` seconds, each delay times
+    1 +/- ``jitter`` (uniform; 0 = exact delays) so that many clients do not retry in step."""
 
-    def __init__(self, first_s: float, cap_s: float) -> None:
-        self.first_s, self.cap_s = first_s, cap_s
+    def __init__(self, first_s: float, cap_s: float, jitter: float = 0.0, rng: random.Random | None = None) -> None:
+        self.first_s, self.cap_s, self.jitter = first_s, cap_s, jitter
+        self.rng = rng or random.Random()
         self.attempt = 0
 
     def next_delay(self) -> float:
         delay = min(self.cap_s, self.first_s * (2 ** min(self.attempt, 30)))
         self.attempt += 1
-        return delay
+        if not self.jitter:
+            return delay
+        return max(0.0, delay * (1 + self.jitter * self.rng.uniform(-1.0, 1.0)))
 
     def reset(self) -> None:
         self.attempt = 0

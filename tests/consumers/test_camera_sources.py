@@ -30,8 +30,9 @@ from consumers.cameras_file import (
     load_cameras_file,
     parse_roi,
 )
-from consumers.capture import ChangeGate, RateGate, ReconnectBackoff
+from consumers.capture import ChangeGate, RateGate
 from consumers.events import headers_as_text
+from consumers.kafka_io import Backoff
 from consumers.settings import CameraSettings
 from consumers.sources import SourceKind, classify_source
 from hpad.errors import ConfigError
@@ -111,7 +112,7 @@ def test_change_gate_passes_the_first_frame_and_real_changes_only():
 
 
 def test_reconnect_backoff_grows_to_its_cap_with_bounded_jitter():
-    backoff = ReconnectBackoff(0.5, 4.0, jitter=0.2, rng=random.Random(1))
+    backoff = Backoff(0.5, 4.0, jitter=0.2, rng=random.Random(1))
     delays = [backoff.next_delay() for _ in range(8)]
     for delay, base in zip(delays, [0.5, 1, 2, 4, 4, 4, 4, 4], strict=True):
         assert base * 0.8 <= delay <= base * 1.2
